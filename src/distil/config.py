@@ -1,0 +1,339 @@
+"""Typed run configuration: one dataclass per concern, loaded from YAML with dotted overrides.
+
+    cfg = load_config("configs/debug.yaml", overrides=["train.steps=20", "loss.kind=reverse_kl"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Unknown keys and wrong types are rejected with the dotted path and the allowed keys; value checks
+live in each dataclass's ``__post_init__`` and raise :class:`~distil.errors.DistilError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from distil.errors import DistilError
+
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
+TOPK_KINDS = ("forward_kl", "reverse_kl", "soft_ce")
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise DistilError(f"{section}.{name} = {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(section: str, name: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise DistilError(f"{section}.{name} = {value!r} must be {bound}")
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher's signal comes from."""
+
+    source: str = "model"  # model | cache | none
+    path: str | None = None  # a transformers checkpoint dir (or hub id), a distil checkpoint, or a cache dir
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def __post_init__(self):
+        _check_choice("teacher", "source", self.source, ("model", "cache", "none"))
+        _check_choice("teacher", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.source in ("model", "cache") and not self.path:
+            raise DistilError(f"teacher.path is required when teacher.source is {self.source!r}")
+
+
+@dataclass
+class StudentConfig:
+    """The student's architecture, or a checkpoint to start from."""
+
+    path: str | None = None  # start from this checkpoint instead of a fresh random model
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    intermediate_size: int | None = None  # None: the SwiGLU size 8/3 * d_model, rounded up to 64
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "max_seq_len"):
+            _check_positive("student", name, getattr(self, name))
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise DistilError(f"student.d_model = {self.d_model} is not divisible by student.n_heads = {self.n_heads}")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise DistilError(f"student.n_heads = {self.n_heads} is not a multiple of student.n_kv_heads = {kv}")
+
+
+@dataclass
+class DataConfig:
+    """The training text, its tokenizer and how it is cut into sequences."""
+
+    source: str = "embedded"  # embedded (Python's own docs) | text | jsonl
+    path: str | None = None  # a .txt file or folder of them (source: text), or a .jsonl file (source: jsonl)
+    text_field: str = "text"  # the JSONL field holding each document
+    tokenizer: str | None = None  # a tokenizer dir or hub id; None: the teacher's, else a BPE trained here
+    vocab_size: int = 4096  # size of the BPE trained when there is no tokenizer
+    seq_len: int = 256
+    val_fraction: float = 0.05  # share of documents held out for validation
+    max_docs: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("data", "source", self.source, ("embedded", "text", "jsonl"))
+        if self.source != "embedded" and not self.path:
+            raise DistilError(f"data.path is required when data.source is {self.source!r}")
+        _check_positive("data", "seq_len", self.seq_len)
+        _check_positive("data", "vocab_size", self.vocab_size)
+        _check_positive("data", "max_docs", self.max_docs)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DistilError(f"data.val_fraction = {self.val_fraction!r} must lie strictly between 0 and 1")
+
+
+@dataclass
+class LossConfig:
+    """loss = ce_weight * CE(labels) + kd_weight * KD(student, teacher)."""
+
+    kind: str = "forward_kl"  # see distil.losses.kd_loss
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    t2_scale: bool = False  # multiply the KD term by T^2 (Hinton et al. 2015)
+    beta: float = 0.5  # jsd only
+    skew: float = 0.1  # skew_* only
+    fused: bool = True  # fuse the LM head with the loss, chunked over tokens
+    chunk_size: int = 1024  # tokens per chunk of the fused loss
+    topk: int | None = None  # train on the teacher's top-k only (as a cache would hold)
+    tail: str = "bucket"  # bucket | renormalize (top-k only)
+    parallel: str = "none"  # none | vocab | sequence
+
+    def __post_init__(self):
+        kinds = TOPK_KINDS if self.topk else LOSS_KINDS
+        _check_choice("loss", "kind", self.kind, kinds)
+        _check_positive("loss", "kd_weight", self.kd_weight, allow_zero=True)
+        _check_positive("loss", "ce_weight", self.ce_weight, allow_zero=True)
+        _check_positive("loss", "temperature", self.temperature)
+        _check_positive("loss", "chunk_size", self.chunk_size)
+        _check_positive("loss", "topk", self.topk)
+        _check_choice("loss", "tail", self.tail, ("bucket", "renormalize"))
+        _check_choice("loss", "parallel", self.parallel, ("none", "vocab", "sequence"))
+        if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
+            raise DistilError(
+                f"loss.beta = {self.beta!r} must lie strictly in (0, 1); "
+                "use kind forward_kl for beta=1 or reverse_kl for beta=0"
+            )
+        if not 0.0 <= self.skew < 1.0:
+            raise DistilError(f"loss.skew = {self.skew!r} must lie in [0, 1)")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise DistilError("loss.kd_weight and loss.ce_weight are both 0: nothing to train on")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 200
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    log_every: int = 10
+    val_every: int = 50  # 0 disables periodic validation
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "lr", "log_every"):
+            _check_positive("train", name, getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "val_every"):
+            _check_positive("train", name, getattr(self, name), allow_zero=True)
+        _check_choice("train", "schedule", self.schedule, ("cosine", "wsd", "constant"))
+        _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("train", "dtype", self.dtype, ("float32", "bfloat16"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise DistilError(f"train.min_lr_ratio = {self.min_lr_ratio!r} must lie in [0, 1]")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise DistilError(f"train.decay_fraction = {self.decay_fraction!r} must lie in (0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during and after training."""
+
+    val_batches: int = 8  # batches of validation sequences per evaluation
+    multiple_choice: str | None = None  # a JSONL of multiple-choice items to score at the end
+
+    def __post_init__(self):
+        _check_positive("eval", "val_batches", self.val_batches)
+
+
+@dataclass
+class OutputConfig:
+    """Where the run folder goes."""
+
+    run_dir: str = "runs"
+    name: str | None = None  # None: the config file's name
+    overwrite: bool = False  # replace an existing run folder of the same name
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        if self.teacher.source == "none" and self.loss.kd_weight > 0:
+            raise DistilError("teacher.source is 'none' but loss.kd_weight > 0: set loss.kd_weight=0 or give a teacher")
+        if self.loss.topk and self.loss.kind == "mse":
+            raise DistilError("loss.kind 'mse' needs full teacher logits; it cannot be used with loss.topk")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int -> float. Raise with the dotted path."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except DistilError as e:
+                errors.append(e)
+        raise DistilError(f"{path} = {value!r} should be {' or '.join(_type_name(a) for a in args)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise DistilError(f"{path} = {value!r} should be a list")
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; take it as the float the user meant.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise DistilError(f"{path} = {value!r} should be true or false")
+    if tp in (int, float) and isinstance(value, bool):
+        raise DistilError(f"{path} = {value!r} should be {tp.__name__}")
+    if tp in (int, float, str) and not isinstance(value, tp):
+        raise DistilError(f"{path} = {value!r} should be {tp.__name__}")
+    return value
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DistilError(f"{path or 'config'} should be a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise DistilError(f"unknown config key {dotted!r}; allowed keys: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass signature errors are internal
+        raise DistilError(f"{path or 'config'}: {e}") from e
+
+
+def _apply_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise DistilError(f"--set {override!r} should look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) != 2 or not all(keys):
+        raise DistilError(f"--set {override!r}: the key should be section.key, e.g. train.steps=100")
+    section, key = keys
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise DistilError(f"unknown config section {section!r} in --set {override!r}; allowed: {', '.join(sections)}")
+    # YAML parses the value, so `3` is an int, `1e-3` a float, `true` a bool and `null` None.
+    value = yaml.safe_load(raw) if raw.strip() else None
+    data.setdefault(section, {})
+    if data[section] is None:
+        data[section] = {}
+    data[section][key] = value
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:
+    data = dict(data or {})
+    for section, value in list(data.items()):
+        if isinstance(value, dict):
+            data[section] = dict(value)
+    for override in overrides or []:
+        _apply_override(data, override)
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DistilError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DistilError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(data, dict):
+            raise DistilError(f"config file {path} should hold a mapping of sections")
+    cfg = config_from_dict(data, overrides)
+    if cfg.output.name is None and path is not None:
+        cfg.output.name = Path(path).stem
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,253 @@
+"""The LM-head matmul fused with the distillation loss, chunked over tokens.
+
+    loss = fused_linear_kd_loss(student_hidden, model.lm_head.weight,
+                                teacher_hidden, teacher.lm_head.weight,
+                                kind="forward_kl", labels=labels, ce_weight=0.5)
+    loss.backward()   # gradients for student_hidden and student_weight
+
+The [tokens x vocab] logits of student and teacher are never held whole: each chunk of tokens gets
+its logits, its loss and the gradient of that loss with respect to its logits, which is folded
+straight into the gradients of the hidden states and the head weight (as Liger-Kernel's fused
+linear cross-entropy does). Peak memory is O(chunk x vocab) instead of O(tokens x vocab).
+
+The value and gradients equal ``kd_loss`` (or ``topk_kd_loss`` with ``teacher_topk=(ids,
+logprobs)``) + ``ce_weight`` * CE on the materialised logits: the per-chunk gradient is taken by
+autograd through those very functions, so there is one definition of each divergence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distil.errors import DistilError
+from distil.losses.divergences import (
+    compute_dtype,
+    cross_entropy,
+    prepare_logits,
+    reduce_tokens,
+    shared_vocab,
+    token_divergence,
+    validate_kind,
+)
+from distil.losses.topk import topk_terms, topk_token_loss, validate_topk
+
+# Tokens per chunk: one [chunk, vocab] fp32 tensor is about 64 MiB at this budget.
+DEFAULT_CHUNK_ELEMENTS = 2**24
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(64, DEFAULT_CHUNK_ELEMENTS // vocab_size)
+
+
+def _chunk_loss_and_grad(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    teacher_topk,
+    labels,
+    mask,
+    *,
+    kind: str,
+    kd_weight: float,
+    ce_weight: float,
+    kd_count: torch.Tensor,
+    ce_count: torch.Tensor,
+    temperature: float,
+    beta: float,
+    skew: float,
+    softcap: float | None,
+    tail: str,
+):
+    """Loss of one chunk (already divided by the global counts) and its gradient w.r.t. the logits."""
+    with torch.enable_grad():
+        logits = student_logits.detach().requires_grad_(True)
+        dtype = compute_dtype(logits)
+        loss = torch.zeros((), dtype=dtype, device=logits.device)
+        if kd_weight:
+            student_z = prepare_logits(logits, temperature=temperature, softcap=softcap, dtype=dtype)
+            if teacher_topk is not None:
+                ids, logprobs, tail_lp = teacher_topk
+                per_token = topk_token_loss(*topk_terms(student_z, ids, logprobs, tail_lp), kind, tail)
+            else:
+                vocab = shared_vocab(logits.shape[-1], teacher_logits.shape[-1])
+                teacher_z = prepare_logits(teacher_logits[..., :vocab], temperature=temperature, softcap=softcap, dtype=dtype)
+                per_token = token_divergence(student_z[..., :vocab], teacher_z, kind, beta=beta, skew=skew)
+            loss = loss + kd_weight * reduce_tokens(per_token, mask, "sum") / kd_count
+        if ce_weight:
+            ce = cross_entropy(logits, labels, mask=mask, reduction="sum", logit_softcap=softcap)
+            loss = loss + ce_weight * ce / ce_count
+        (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), grad
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_fn, opts):
+        num_tokens = student_hidden.shape[0]
+        chunk = opts["chunk_size"]
+        mask, labels = opts["mask"], opts["labels"]
+        kd_count = (mask.sum() if mask is not None else torch.tensor(num_tokens)).clamp_min(1)
+        ce_count = torch.tensor(1)
+        if opts["ce_weight"]:
+            valid = labels != -100
+            if mask is not None:
+                valid = valid & mask
+            ce_count = valid.sum().clamp_min(1)
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(student_hidden) if needs_hidden else None
+        # Accumulate the head's gradient in fp32 even for bf16 weights: it sums over all tokens.
+        acc_dtype = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
+        grad_weight = torch.zeros(student_weight.shape, dtype=acc_dtype, device=student_weight.device) if needs_weight else None
+        grad_bias = torch.zeros(student_bias.shape, dtype=acc_dtype, device=student_bias.device) if (
+            student_bias is not None and needs_bias
+        ) else None
+        total = torch.zeros((), dtype=torch.float64 if student_hidden.dtype == torch.float64 else torch.float32,
+                            device=student_hidden.device)
+        for start in range(0, num_tokens, chunk):
+            end = min(start + chunk, num_tokens)
+            hidden = student_hidden[start:end]
+            logits = hidden @ student_weight.t()
+            if student_bias is not None:
+                logits = logits + student_bias
+            teacher_logits, teacher_topk = teacher_fn(start, end)
+            loss, grad_logits = _chunk_loss_and_grad(
+                logits,
+                teacher_logits,
+                teacher_topk,
+                None if labels is None else labels[start:end],
+                None if mask is None else mask[start:end],
+                kind=opts["kind"],
+                kd_weight=opts["kd_weight"],
+                ce_weight=opts["ce_weight"],
+                kd_count=kd_count.to(total.dtype),
+                ce_count=ce_count.to(total.dtype),
+                temperature=opts["temperature"],
+                beta=opts["beta"],
+                skew=opts["skew"],
+                softcap=opts["softcap"],
+                tail=opts["tail"],
+            )
+            total += loss
+            grad_logits = grad_logits.to(student_hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits @ student_weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t().to(acc_dtype), hidden.to(acc_dtype))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0).to(acc_dtype)
+            del logits, grad_logits, teacher_logits
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else torch.empty(0),
+            grad_weight.to(student_weight.dtype) if grad_weight is not None else torch.empty(0),
+            grad_bias.to(student_bias.dtype) if grad_bias is not None else torch.empty(0),
+        )
+        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        has_hidden, has_weight, has_bias = ctx.has
+        scale = grad_output
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype) if has_hidden else None,
+            grad_weight * scale.to(grad_weight.dtype) if has_weight else None,
+            grad_bias * scale.to(grad_bias.dtype) if has_bias else None,
+            None,
+            None,
+        )
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    *,
+    teacher_topk: tuple | None = None,
+    kind: str = "forward_kl",
+    labels: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    chunk_size: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    tail: str = "bucket",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kd_weight * KD + ce_weight * CE`` through the LM head without materialising the logits.
+
+    Args:
+        student_hidden: [..., H] final hidden states (after the final norm).
+        student_weight: [V, H] LM-head weight (``student_bias`` [V] optional).
+        teacher_hidden, teacher_weight: the teacher's hidden states [..., H_t] and head [V_t, H_t];
+            the teacher gets no gradient.
+        teacher_topk: instead of the teacher's head, ``(ids, logprobs)`` or ``(ids, logprobs,
+            tail_logprob)`` of its top-k, as in ``topk_kd_loss`` (kinds forward_kl, reverse_kl, soft_ce).
+        labels: [...] next-token ids for the CE term (-100 = ignore); required when ce_weight > 0.
+        mask: [...] bool, True where the token counts (both terms).
+        chunk_size: tokens per chunk; default keeps one [chunk, V] fp32 tensor near 64 MiB.
+
+    Returns the scalar: KD averaged over counted tokens, plus ce_weight times CE averaged over
+    counted tokens with a label. An all-masked input gives 0.
+    """
+    if teacher_topk is None and (teacher_hidden is None or teacher_weight is None) and kd_weight:
+        raise DistilError("fused_linear_kd_loss needs teacher_hidden and teacher_weight, or teacher_topk")
+    if teacher_topk is not None:
+        if len(teacher_topk) == 2:
+            teacher_topk = (*teacher_topk, None)
+        validate_topk(kind, tail, student_hidden.shape[:-1], student_weight.shape[0], teacher_topk[0], teacher_topk[1])
+    elif kd_weight:
+        validate_kind(kind, beta, skew)
+    if ce_weight and labels is None:
+        raise DistilError("ce_weight > 0 needs labels")
+    hidden_size = student_hidden.shape[-1]
+    lead = student_hidden.shape[:-1]
+    student_hidden_2d = student_hidden.reshape(-1, hidden_size)
+    num_tokens = student_hidden_2d.shape[0]
+    flat_mask = None if mask is None else mask.reshape(-1).bool()
+    flat_labels = None if labels is None else labels.reshape(-1)
+    if flat_mask is not None and flat_mask.numel() != num_tokens:
+        raise DistilError(f"mask has shape {tuple(mask.shape)}, expected {tuple(lead)}")
+    teacher_hidden_2d = None
+    if teacher_topk is None and kd_weight:
+        if teacher_hidden.shape[:-1] != lead:
+            raise DistilError(f"teacher hidden {tuple(teacher_hidden.shape)} does not line up with student hidden {tuple(student_hidden.shape)}")
+        teacher_hidden_2d = teacher_hidden.reshape(num_tokens, -1).detach()
+        teacher_weight = teacher_weight.detach()
+        teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    topk_flat = None
+    if teacher_topk is not None:
+        ids, logprobs, tail_lp = teacher_topk
+        k = ids.shape[-1]
+        topk_flat = (ids.reshape(num_tokens, k), logprobs.reshape(num_tokens, k).detach(),
+                     None if tail_lp is None else tail_lp.reshape(num_tokens).detach())
+
+    def teacher_fn(start: int, end: int):
+        if topk_flat is not None:
+            return None, tuple(None if t is None else t[start:end] for t in topk_flat)
+        if teacher_hidden_2d is None:
+            return None, None
+        with torch.no_grad():
+            logits = teacher_hidden_2d[start:end] @ teacher_weight.t()
+            if teacher_bias is not None:
+                logits = logits + teacher_bias
+        return logits, None
+
+    opts = dict(
+        chunk_size=chunk_size or default_chunk_size(student_weight.shape[0]),
+        mask=flat_mask,
+        labels=flat_labels,
+        kind=kind,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        beta=beta,
+        skew=skew,
+        softcap=logit_softcap,
+        tail=tail,
+    )
+    return _FusedLinearKD.apply(student_hidden_2d, student_weight, student_bias, teacher_fn, opts)

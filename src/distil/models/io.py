@@ -1,0 +1,120 @@
+"""Native distil checkpoints (``config.json`` + ``model.safetensors``) and loading of any model dir.
+
+    model.save("out/student")             # transformer or hybrid
+    model = distil.models.load("out/student")   # native, or a transformers Llama/Qwen2/Mistral dir
+
+The native format reloads exactly (bit for bit). A directory is written under a temporary name
+and renamed when complete, so a crash never leaves a checkpoint that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from distil.errors import DistilError
+from distil.fsutil import atomic_dir
+
+NATIVE_FORMAT = "distil"
+
+
+def _state_dict_for_saving(model) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors refuses shared storage; tying restores it
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_native(model, path: str | Path, *, overwrite: bool = True) -> None:
+    from distil.models.transformer import config_dict
+
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        cfg = {"format": NATIVE_FORMAT, **config_dict(model.config)}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_file(_state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DistilError(f"checkpoint file {path} is corrupt or unreadable: {e}") from e
+
+
+def is_native(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == NATIVE_FORMAT
+    except json.JSONDecodeError as e:
+        raise DistilError(f"checkpoint config {cfg} is not valid JSON: {e}") from e
+
+
+def load_native(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    from distil.models.transformer import TransformerLM, config_from_json
+
+    path = Path(path)
+    try:
+        cfg = config_from_json(path / "config.json")
+    except (TypeError, json.JSONDecodeError) as e:
+        raise DistilError(f"checkpoint config {path / 'config.json'} is invalid: {e}") from e
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise DistilError(f"checkpoint {path} has no model.safetensors")
+    state = read_safetensors(weights)
+    with torch.device("meta"):
+        model = TransformerLM(cfg)
+    model = model.to_empty(device=device)
+    model.register_buffer("inv_freq", _rope(cfg).to(device), persistent=False)
+    load_state(model, state, source=str(path))
+    return model.to(dtype)
+
+
+def _rope(cfg):
+    from distil.models.transformer import rope_inv_freq
+
+    return rope_inv_freq(cfg)
+
+
+def load_state(model, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load a state dict strictly (tying lm_head when the config ties it); errors name the file."""
+    if model.config.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise DistilError(
+            f"checkpoint {source} does not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k]):
+            raise DistilError(f"checkpoint {source}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k])}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Load a distil checkpoint or a transformers Llama/Qwen2/Mistral checkpoint into TransformerLM."""
+    local = Path(path)
+    if local.is_dir():
+        if is_native(local):
+            return load_native(local, dtype=dtype, device=device)
+        if (local / "config.json").is_file():
+            from distil.models.hf import load_hf
+
+            return load_hf(local, dtype=dtype).to(device)
+        raise DistilError(f"{local} is not a checkpoint: it has no config.json")
+    if local.exists():
+        raise DistilError(f"checkpoint path {local} is a file; give the checkpoint directory")
+    from distil.models.hf import load_hf
+
+    return load_hf(str(path), dtype=dtype).to(device)  # a hub id; load_hf explains a failed download

@@ -1,0 +1,325 @@
+"""A Llama-family decoder in plain PyTorch, and its attention/SSM hybrid form.
+
+    cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4)
+    model = TransformerLM(cfg)
+    logits = model(input_ids)                      # [batch, seq, vocab]
+    hidden = model(input_ids, return_hidden=True)  # [batch, seq, d_model], before the LM head
+
+RMSNorm, rotary position embeddings (rotate-half convention, as transformers' Llama), a SwiGLU MLP,
+grouped-query attention through ``scaled_dot_product_attention``, optional QKV bias (Qwen2) and
+tied or untied embeddings. Parameter names follow transformers' Llama (``embed_tokens``,
+``layers.N.self_attn.q_proj`` ...) so checkpoints map over without renaming.
+
+Each layer's mixer is given by ``ModelConfig.pattern``: ``A`` attention, ``M`` Mamba2, ``D``
+discrete Mamba2 (see :mod:`distil.models.ssm`). Norms, MLPs, embeddings and residuals are shared.
+
+Inference state (``states``) is one entry per layer: ``(k, v)`` for attention layers, an
+:class:`~distil.models.ssm.SSMState` for SSM layers. Passing it in and asking for it back lets
+a sequence run in pieces (generation, or streamed training chunks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distil.errors import DistilError
+
+MIXER_KINDS = {"A": "attention", "M": "mamba2", "D": "discrete_mamba2"}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...} as in transformers
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    sliding_window: int | None = None
+    # Hybrid students: one letter per layer, A = attention, M = Mamba2, D = discrete Mamba2.
+    pattern: str | None = None
+    ssm: dict = field(default_factory=dict)  # keyword arguments of the SSM mixers (d_state, expand, ...)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise DistilError(f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}")
+            self.head_dim = self.d_model // self.n_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.n_heads % self.n_kv_heads:
+            raise DistilError(f"n_heads = {self.n_heads} is not a multiple of n_kv_heads = {self.n_kv_heads}")
+        if self.pattern is None:
+            self.pattern = "A" * self.n_layers
+        if len(self.pattern) != self.n_layers or set(self.pattern) - set(MIXER_KINDS):
+            raise DistilError(
+                f"pattern {self.pattern!r} should have one letter per layer ({self.n_layers}) from "
+                f"{', '.join(f'{k}={v}' for k, v in MIXER_KINDS.items())}"
+            )
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") not in ("default", "llama3"):
+            raise DistilError(
+                f"rope scaling {self.rope_scaling.get('rope_type')!r} is not supported (supported: default, llama3)"
+            )
+
+    @property
+    def is_hybrid(self) -> bool:
+        return set(self.pattern) != {"A"}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as transformers' LlamaRMSNorm does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "llama3":
+        # Llama 3.1 frequency-dependent scaling (transformers' _compute_llama3_parameters).
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables [batch, seq, head_dim] for integer positions [batch, seq], computed in fp32."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [batch, seq, head_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, *, doc_ids=None, state=None):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if state is not None:
+            past = state[0].shape[2]
+            k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
+        new_state = (k, v)
+        mask = None
+        if past or doc_ids is not None or self.sliding_window is not None:
+            mask = attention_mask(seq, past, x.device, doc_ids=doc_ids, window=self.sliding_window)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+        return self.o_proj(out), new_state
+
+
+def attention_mask(seq: int, past: int, device, *, doc_ids=None, window=None) -> torch.Tensor:
+    """Boolean mask [batch or 1, 1, seq, past + seq]; True where a query may attend to a key.
+
+    ``doc_ids`` [batch, seq] keeps attention inside each packed document (no past allowed then).
+    """
+    q_pos = torch.arange(past, past + seq, device=device)[:, None]
+    k_pos = torch.arange(past + seq, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    mask = mask[None, None]
+    if doc_ids is not None:
+        if past:
+            raise ValueError("doc_ids cannot be combined with a KV cache")
+        same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+        mask = mask & same_doc
+    return mask
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
+    if kind == "A":
+        return Attention(cfg)
+    from distil.models import ssm  # imported lazily: plain transformers never need it
+
+    if kind == "M":
+        return ssm.Mamba2Mixer(cfg.d_model, **cfg.ssm)
+    return ssm.DiscreteMamba2Mixer(cfg.d_model, **cfg.ssm)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        # Attention keeps transformers' name `self_attn`; SSM mixers are `mamba` as in hybrid models there.
+        if kind == "A":
+            self.self_attn = make_mixer(kind, cfg)
+        else:
+            self.mamba = make_mixer(kind, cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, *, doc_ids=None, state=None):
+        h = self.input_layernorm(x)
+        if self.kind == "A":
+            h, new_state = self.self_attn(h, cos, sin, doc_ids=doc_ids, state=state)
+        else:
+            h, new_state = self.mamba(h, state=state)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_state
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.pattern)
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: residual projections start smaller so the residual stream stays O(1) with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear) and not getattr(module, "_distil_custom_init", False):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if hasattr(module, "reset_ssm_parameters"):
+            module.reset_ssm_parameters()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        states: list | None = None,
+        return_states: bool = False,
+        return_hidden: bool = False,
+    ):
+        """Logits [batch, seq, vocab] (or hidden states before the head when ``return_hidden``).
+
+        With ``return_states`` returns ``(output, states)``; feed ``states`` back to continue the
+        sequence. ``positions`` default to continuing after the cached length.
+        """
+        batch, seq = input_ids.shape
+        if positions is None:
+            start = 0
+            if states is not None:  # continue after the cached keys (SSM layers need no positions)
+                start = next((s[0].shape[2] for s in states if isinstance(s, tuple)), 0)
+            positions = torch.arange(start, start + seq, device=input_ids.device).expand(batch, seq)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            x, layer_state = layer(x, cos, sin, doc_ids=doc_ids, state=None if states is None else states[i])
+            new_states.append(layer_state)
+        x = self.norm(x)
+        out = x if return_hidden else self.lm_head(x)
+        return (out, new_states) if return_states else out
+
+    # ------------------------------------------------------------------------------------------
+    # Native checkpoints: config.json + model.safetensors, reloaded exactly by distil.models.load.
+
+    def save(self, path: str | Path) -> None:
+        from distil.models.io import save_native
+
+        save_native(self, path)
+
+    @classmethod
+    def from_hf(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> TransformerLM:
+        """Load a Llama, Qwen2 or Mistral checkpoint written by transformers (a local dir or hub id)."""
+        from distil.models.hf import load_hf
+
+        return load_hf(path, dtype=dtype)
+
+    def save_hf(self, path: str | Path) -> None:
+        """Write a checkpoint that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+        from distil.models.hf import save_hf
+
+        save_hf(self, path)
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)
+
+
+def config_from_json(path: Path) -> ModelConfig:
+    data = json.loads(path.read_text())
+    data.pop("format", None)
+    return ModelConfig(**data)
