@@ -85,7 +85,10 @@ def prepare_logits(logits: torch.Tensor, *, temperature: float, softcap: float |
 
 
 def safe_log_softmax(z: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(z, dim=-1).clamp_min(LOG_FLOOR)
+    out = F.log_softmax(z, dim=-1)
+    if out.requires_grad:
+        return out.clamp_min(LOG_FLOOR)
+    return out.clamp_min_(LOG_FLOOR)  # in place when no autograd graph needs the original
 
 
 def token_divergence(

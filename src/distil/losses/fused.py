@@ -11,8 +11,9 @@ straight into the gradients of the hidden states and the head weight (as Liger-K
 linear cross-entropy does). Peak memory is O(chunk x vocab) instead of O(tokens x vocab).
 
 The value and gradients equal ``kd_loss`` (or ``topk_kd_loss`` with ``teacher_topk=(ids,
-logprobs)``) + ``ce_weight`` * CE on the materialised logits: the per-chunk gradient is taken by
-autograd through those very functions, so there is one definition of each divergence.
+logprobs)``) + ``ce_weight`` * CE on the materialised logits. Full-vocabulary kinds and CE use the
+closed-form gradients of :mod:`distil.losses.analytic`; top-k chunks take theirs by autograd through
+``topk_kd_loss``'s own terms. tests/test_losses.py checks both against autograd on the reference.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from __future__ import annotations
 import torch
 
 from distil.errors import DistilError
+from distil.losses.analytic import divergence_and_h, mse_and_grad, softmax_grad
 from distil.losses.divergences import (
     compute_dtype,
     cross_entropy,
     prepare_logits,
     reduce_tokens,
+    safe_log_softmax,
     shared_vocab,
-    token_divergence,
     validate_kind,
 )
 from distil.losses.topk import topk_terms, topk_token_loss, validate_topk
@@ -36,7 +38,7 @@ DEFAULT_CHUNK_ELEMENTS = 2**24
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    return max(64, DEFAULT_CHUNK_ELEMENTS // vocab_size)
+    return max(64, min(1024, DEFAULT_CHUNK_ELEMENTS // vocab_size))
 
 
 def _chunk_loss_and_grad(
@@ -58,19 +60,65 @@ def _chunk_loss_and_grad(
     tail: str,
 ):
     """Loss of one chunk (already divided by the global counts) and its gradient w.r.t. the logits."""
+    if teacher_topk is not None:
+        return _topk_chunk_autograd(student_logits, teacher_topk, labels, mask, kind=kind, kd_weight=kd_weight,
+                                    ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count,
+                                    temperature=temperature, softcap=softcap, tail=tail)
+    dtype = compute_dtype(student_logits)
+    capped = prepare_logits(student_logits, temperature=1.0, softcap=softcap, dtype=dtype)  # [chunk, V_s]
+    grad = None
+    loss = torch.zeros((), dtype=dtype, device=capped.device)
+    weights = torch.ones(capped.shape[0], dtype=dtype, device=capped.device) if mask is None else mask.to(dtype)
+    logp_s = None
+    if kd_weight:
+        vocab = shared_vocab(capped.shape[-1], teacher_logits.shape[-1])
+        student_z = capped[:, :vocab] / temperature if temperature != 1.0 else capped[:, :vocab]
+        teacher_z = prepare_logits(teacher_logits[:, :vocab], temperature=temperature, softcap=softcap, dtype=dtype)
+        kd_w = weights * (kd_weight / kd_count)
+        if kind == "mse":
+            per_token, grad_z = mse_and_grad(student_z, teacher_z)
+        else:
+            logp_s = safe_log_softmax(student_z)
+            per_token, h = divergence_and_h(logp_s, safe_log_softmax(teacher_z), kind, beta=beta, skew=skew)
+            grad_z = softmax_grad(logp_s.exp(), h, h.sum(-1))
+        loss = loss + (per_token * kd_w).sum()
+        grad_z.mul_((kd_w / temperature).unsqueeze(-1))
+        if vocab == capped.shape[-1]:
+            grad = grad_z
+        else:  # padded student columns get no gradient
+            grad = torch.zeros_like(capped)
+            grad[:, :vocab] = grad_z
+        if temperature != 1.0 or vocab != capped.shape[-1]:
+            logp_s = None  # CE needs the log-softmax at T = 1 over the whole vocabulary
+    if ce_weight:
+        valid = labels != -100
+        ce_w = (weights * valid.to(dtype)) * (ce_weight / ce_count)
+        if logp_s is None:
+            logp_s = safe_log_softmax(capped)
+        targets = labels.clamp_min(0).unsqueeze(-1)
+        loss = loss - (logp_s.gather(-1, targets).squeeze(-1) * ce_w).sum()
+        # d CE / dz = softmax - onehot(label)
+        ce_grad = logp_s.exp().mul_(ce_w.unsqueeze(-1))
+        ce_grad.scatter_add_(-1, targets, -ce_w.unsqueeze(-1))
+        grad = ce_grad if grad is None else grad.add_(ce_grad)
+    if grad is None:
+        grad = torch.zeros_like(capped)
+    if softcap is not None:
+        grad.mul_(1.0 - (capped / softcap).pow(2))  # d/dx c*tanh(x/c) = 1 - tanh^2
+    return loss, grad
+
+
+def _topk_chunk_autograd(student_logits, teacher_topk, labels, mask, *, kind, kd_weight, ce_weight, kd_count, ce_count,
+                         temperature, softcap, tail):
+    """Top-k chunks take their gradient by autograd through the reference functions."""
     with torch.enable_grad():
         logits = student_logits.detach().requires_grad_(True)
         dtype = compute_dtype(logits)
         loss = torch.zeros((), dtype=dtype, device=logits.device)
         if kd_weight:
             student_z = prepare_logits(logits, temperature=temperature, softcap=softcap, dtype=dtype)
-            if teacher_topk is not None:
-                ids, logprobs, tail_lp = teacher_topk
-                per_token = topk_token_loss(*topk_terms(student_z, ids, logprobs, tail_lp), kind, tail)
-            else:
-                vocab = shared_vocab(logits.shape[-1], teacher_logits.shape[-1])
-                teacher_z = prepare_logits(teacher_logits[..., :vocab], temperature=temperature, softcap=softcap, dtype=dtype)
-                per_token = token_divergence(student_z[..., :vocab], teacher_z, kind, beta=beta, skew=skew)
+            ids, logprobs, tail_lp = teacher_topk
+            per_token = topk_token_loss(*topk_terms(student_z, ids, logprobs, tail_lp), kind, tail)
             loss = loss + kd_weight * reduce_tokens(per_token, mask, "sum") / kd_count
         if ce_weight:
             ce = cross_entropy(logits, labels, mask=mask, reduction="sum", logit_softcap=softcap)

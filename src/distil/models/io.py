@@ -29,13 +29,16 @@ def _state_dict_for_saving(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_native(model, path: str | Path, *, overwrite: bool = True) -> None:
+def save_native(model, path: str | Path, *, tokenizer=None, overwrite: bool = True) -> None:
+    """Write config.json + model.safetensors (and the tokenizer, if given) as one atomic directory."""
     from distil.models.transformer import config_dict
 
     with atomic_dir(path, overwrite=overwrite) as tmp:
         cfg = {"format": NATIVE_FORMAT, **config_dict(model.config)}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         save_file(_state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

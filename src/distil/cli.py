@@ -1,0 +1,198 @@
+"""The ``distil`` command line (also ``python -m distil``). Parsing only; the work lives elsewhere.
+
+    distil demo --quick
+    distil train configs/debug.yaml --set train.steps=50 --run-dir runs/try1
+    distil eval --model runs/try1/checkpoints/final --data held_out.jsonl --mc hellaswag.jsonl
+    distil export runs/try1/checkpoints/final --format hf --out exported/
+    distil info
+
+A user error prints one line and exits with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from distil import __version__
+from distil.errors import DistilError
+
+log = logging.getLogger("distil")
+
+EPILOG = "Run `distil COMMAND --help` for a command's options. Docs: README.md and docs/ in the repository."
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distil",
+        description="Distil a transformer language model (the teacher) into a smaller or faster student, "
+        "and prove the result with evaluation and reports.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"distil {__version__}")
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="distil end to end on Python's own documentation, no download needed",
+        description="Train a tokenizer and a small teacher on the embedded corpus (Python's docs and stdlib "
+        "docstrings), distil three same-size students (CE only, forward KL, reverse KL) on the same budget, "
+        "evaluate them, and write a report with a results table and loss plots.",
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller budget that finishes in under 3 minutes on 2 CPU cores")
+    p.add_argument("--out", default="runs/demo", help="run folder to write (default: runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run folder if it exists")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "train",
+        help="distil a student as a YAML config describes",
+        description="Train a student from a YAML config (see configs/ and docs/config.md). Writes the run folder "
+        "<output.run_dir>/<name>/ with config.yaml, metrics.jsonl, checkpoints/, report.md and plots/.",
+    )
+    p.add_argument("config", help="YAML config file, e.g. configs/debug.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--run-dir", help="run folder (default: <output.run_dir>/<output.name or config name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss and perplexity, multiple choice, agreement with a teacher",
+        description="Evaluate a model (a distil checkpoint or a transformers Llama/Qwen2/Mistral directory). "
+        "Prints one JSON object and, with --run, appends the numbers to that run's metrics.jsonl.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
+    p.add_argument("--data", help="text (.txt) or JSONL file for loss and perplexity")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length for perplexity (default: 512)")
+    p.add_argument("--mc", help="multiple-choice JSONL: HellaSwag format (ctx, endings, label) or context/choices/label")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples for multiple choice (default: 0)")
+    p.add_argument("--teacher", help="teacher checkpoint: adds KL to the teacher and top-1 agreement on --data")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tokenizer", help="tokenizer directory if the model directory has none")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--run", help="run folder whose metrics.jsonl gets the results")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint for the transformers ecosystem",
+        description="Write a checkpoint that transformers.AutoModelForCausalLM loads without custom code. "
+        "All-attention models export as Llama (or Qwen2 with QKV bias, Mistral with a sliding window).",
+    )
+    p.add_argument("path", help="distil checkpoint directory")
+    p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    _add_common(p)
+
+    p = sub.add_parser("info", help="versions, device and which optional kernels are available",
+                       description="Print the versions of distil and its dependencies, the compute device, and which "
+                       "optional fast paths (mamba_ssm, causal_conv1d, Triton, Liger-Kernel, lm-eval) are installed.")
+    _add_common(p)
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="distil: %(message)s", stream=sys.stderr)
+    if not debug:
+        for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    _setup_logging(debug)
+    if args.command is None:
+        parser.print_help()
+        sys.exit(2)
+    try:
+        COMMANDS[args.command](args)
+    except DistilError as e:
+        if debug:
+            raise
+        print(f"distil: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FileExistsError as e:
+        if debug:
+            raise
+        print(f"distil: error: {e} already exists; pass --overwrite to replace it", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("distil: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> None:
+    from distil.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, progress=True)
+
+
+def cmd_train(args) -> None:
+    from distil.config import config_to_yaml, load_config
+    from distil.train.loop import train
+    from distil.train.report import write_run_report
+    from distil.train.run_dir import RunDir
+
+    cfg = load_config(args.config, args.overrides)
+    run_path = Path(args.run_dir) if args.run_dir else Path(cfg.output.run_dir) / (cfg.output.name or "run")
+    run = RunDir.create(run_path, overwrite=args.overwrite or cfg.output.overwrite)
+    run.write_text("config.yaml", config_to_yaml(cfg))
+    log.info("run folder %s", run.path)
+    result = train(cfg, run=run)
+    report = write_run_report(run, cfg, result)
+    run.mark_complete({"final_val": result.val, "steps": len(result.history), "tokens_per_second": result.tokens_per_second,
+                       "params": result.student.num_parameters()})
+    log.info("done: held-out loss %.4f; report %s", result.val.get("loss", float("nan")), report)
+
+
+def cmd_eval(args) -> None:
+    from distil.eval.runner import run_eval
+
+    result = run_eval(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from distil.fsutil import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+
+
+def cmd_export(args) -> None:
+    from distil.models import load
+    from distil.models.hf import save_hf
+
+    model = load(args.path)
+    tokenizer = None
+    from distil.data.tokenize import has_tokenizer, load_tokenizer
+
+    if has_tokenizer(args.path):
+        tokenizer = load_tokenizer(args.path)
+    save_hf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    log.info("exported %s to %s (transformers format)", args.path, args.out)
+
+
+def cmd_info(args) -> None:
+    from distil.kernels import describe_environment
+
+    for key, value in describe_environment().items():
+        print(f"{key:>16}: {value}")
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info}

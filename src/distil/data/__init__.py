@@ -1,0 +1,1 @@
+"""Data: corpora, tokenizers, packing into training windows."""

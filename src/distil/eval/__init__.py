@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss and perplexity, agreement with the teacher, multiple choice."""

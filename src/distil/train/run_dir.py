@@ -1,0 +1,86 @@
+"""The run folder ``runs/<name>/``: config, metrics, checkpoints, report and plots.
+
+    run = RunDir.create("runs/debug", overwrite=False)
+    run.log(step=10, tokens=20480, split="train", name="loss", value=3.2)
+    run.mark_complete({"final_val_loss": 2.9})
+
+``metrics.jsonl`` holds one JSON object per line with step, tokens, split, name, value and time.
+A run is complete only once ``summary.json`` exists (written atomically at the very end), so a
+run that was killed half-way never looks complete. An existing run is never overwritten unless
+the caller asks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from distil.errors import DistilError
+from distil.fsutil import atomic_write_text
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.plots = self.path / "plots"
+        self.summary_path = self.path / "summary.json"
+        self._metrics_file = None
+
+    @classmethod
+    def create(cls, path: str | Path, *, overwrite: bool = False, resume: bool = False) -> RunDir:
+        run = cls(path)
+        if run.path.exists() and any(run.path.iterdir()) and not resume:
+            if not overwrite:
+                raise DistilError(
+                    f"run folder {run.path} already exists; choose another --run-dir or name, "
+                    "or pass --overwrite (or --set output.overwrite=true) to replace it"
+                )
+            shutil.rmtree(run.path)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        run.plots.mkdir(parents=True, exist_ok=True)
+        if run.summary_path.exists():
+            run.summary_path.unlink()  # a resumed run is incomplete until it finishes again
+        return run
+
+    @property
+    def complete(self) -> bool:
+        return self.summary_path.is_file()
+
+    def log(self, *, step: int, tokens: int, split: str, name: str, value: float) -> None:
+        if self._metrics_file is None:
+            self._metrics_file = self.metrics_path.open("a", encoding="utf-8")
+        record = {"step": step, "tokens": tokens, "split": split, "name": name, "value": float(value), "time": time.time()}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+
+    def close(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+
+    def write_text(self, relative: str, text: str) -> Path:
+        target = self.path / relative
+        atomic_write_text(target, text)
+        return target
+
+    def mark_complete(self, summary: dict) -> None:
+        self.close()
+        atomic_write_text(self.summary_path, json.dumps({"complete": True, **summary}, indent=2))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a killed writer) is skipped."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

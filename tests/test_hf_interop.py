@@ -1,0 +1,132 @@
+"""TransformerLM against transformers, with weights copied both ways; native checkpoints reload exactly."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from distil.errors import DistilError
+from distil.models import ModelConfig, TransformerLM, load
+
+
+def _hf_model(kind: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False)
+    elif kind == "llama3-rope":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**{**common, "num_key_value_heads": 1}, sliding_window=5)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    # Non-trivial norms and biases so a dropped parameter would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2", "mistral"])
+def test_from_hf_matches_transformers(tmp_path, kind):
+    hf = _hf_model(kind)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = TransformerLM.from_hf(tmp_path / "hf").eval()
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_save_hf_loads_in_transformers(tmp_path, kind):
+    hf = _hf_model(kind)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = TransformerLM.from_hf(tmp_path / "hf").eval()
+    ours.save_hf(tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(back).__name__ == type(hf).__name__
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids), atol=1e-4, rtol=0)
+
+
+def test_fresh_distil_model_exports_as_llama(tmp_path):
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16)).eval()
+    model.save_hf(tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    ids = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids), atol=1e-4, rtol=0)
+
+
+def test_native_checkpoint_reloads_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, tie_embeddings=False, qkv_bias=True))
+    model.save(tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.equal(model(ids), again(ids))
+
+
+def test_tied_checkpoint_stays_tied(tmp_path):
+    model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2))
+    model.save(tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt")
+    assert again.lm_head.weight is again.embed_tokens.weight
+
+
+def test_missing_and_corrupt_checkpoints_are_user_errors(tmp_path):
+    with pytest.raises(DistilError, match="not found"):
+        load(tmp_path / "nope")
+    model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2))
+    model.save(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DistilError, match="corrupt"):
+        load(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{not json")
+    with pytest.raises(DistilError, match="JSON"):
+        load(tmp_path / "ckpt")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(DistilError, match="gpt2"):
+        load(tmp_path / "m")
+
+
+def test_document_mask_keeps_attention_inside_documents():
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2)).eval()
+    a, b = torch.randint(0, 40, (1, 5)), torch.randint(0, 40, (1, 6))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 6])
+    positions = torch.tensor([list(range(5)) + list(range(6))])
+    with torch.no_grad():
+        out = model(packed, doc_ids=doc_ids, positions=positions)
+        torch.testing.assert_close(out[:, :5], model(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:, 5:], model(b), atol=1e-5, rtol=0)
+
+
+def test_kv_cache_matches_full_forward():
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)).eval()
+    ids = torch.randint(0, 40, (2, 10))
+    with torch.no_grad():
+        full = model(ids)
+        first, states = model(ids[:, :6], return_states=True)
+        rest = []
+        for t in range(6, 10):
+            out, states = model(ids[:, t : t + 1], states=states, return_states=True)
+            rest.append(out)
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=0)
