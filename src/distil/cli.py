@@ -25,8 +25,10 @@ log = logging.getLogger("distil")
 EPILOG = "Run `distil COMMAND --help` for a command's options. Docs: README.md and docs/ in the repository."
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logging")
+def _add_common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    # Accepted before or after the command; SUPPRESS keeps a subcommand from resetting the top-level flag.
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show full tracebacks and debug logging")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"distil {__version__}")
-    _add_common(parser)
+    _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -152,14 +154,22 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     run_path = Path(args.run_dir) if args.run_dir else Path(cfg.output.run_dir) / (cfg.output.name or "run")
+    existed = run_path.exists()
     run = RunDir.create(run_path, overwrite=args.overwrite or cfg.output.overwrite)
     run.write_text("config.yaml", config_to_yaml(cfg))
-    log.info("run folder %s", run.path)
-    result = train(cfg, run=run)
+    try:
+        result = train(cfg, run=run)
+    except DistilError:
+        run.close()
+        if not existed and not run.metrics_path.exists():
+            import shutil
+
+            shutil.rmtree(run.path)  # bad input before the first step: leave nothing behind
+        raise
     report = write_run_report(run, cfg, result)
     run.mark_complete({"final_val": result.val, "steps": len(result.history), "tokens_per_second": result.tokens_per_second,
                        "params": result.student.num_parameters()})
-    log.info("done: held-out loss %.4f; report %s", result.val.get("loss", float("nan")), report)
+    log.info("done: held-out loss %.4f; run folder %s; report %s", result.val.get("loss", float("nan")), run.path, report)
 
 
 def cmd_eval(args) -> None:

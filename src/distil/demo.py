@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from distil.config import config_from_dict
-from distil.data.dataset import build_data
 from distil.data.corpus import embedded_corpus, split_documents
+from distil.data.dataset import build_data
 from distil.data.tokenize import train_bpe_tokenizer
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
@@ -39,7 +39,7 @@ log = logging.getLogger("distil")
 
 @dataclass
 class DemoSettings:
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     seq_len: int = 128
     batch_size: int = 16
     teacher: tuple = (256, 4, 4)  # d_model, n_layers, n_heads
@@ -163,7 +163,7 @@ def verdict(results: dict) -> str:
 
 def write_report(run: RunDir, settings: DemoSettings, results: dict, histories: dict, *, quick: bool, seconds: float) -> Path:
     rows = []
-    for name, r in results.items():
+    for _name, r in results.items():
         rows.append([
             r["label"], format_params(r["params"]), r["steps"], f"{r['val_loss']:.3f}", f"{r['ppl']:.1f}",
             "-" if r["kl_to_teacher"] is None else f"{r['kl_to_teacher']:.3f}",

@@ -1,0 +1,119 @@
+"""The command line: help texts, one-line user errors with exit code 2, train end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distil.models import ModelConfig, TransformerLM
+
+COMMANDS = ["demo", "train", "eval", "export", "info"]
+
+
+def distil(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "distil", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}, timeout=300)
+
+
+def test_top_level_help_lists_commands():
+    out = distil("--help")
+    assert out.returncode == 0
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    out = distil(command, "--help")
+    assert out.returncode == 0
+    assert "usage: distil " + command in out.stdout
+    assert len(out.stdout.splitlines()) > 4
+
+
+def test_info_prints_versions_device_and_kernels():
+    out = distil("info")
+    assert out.returncode == 0
+    for key in ("torch", "transformers", "device", "mamba_ssm", "causal_conv1d"):
+        assert key in out.stdout
+
+
+def _assert_user_error(out, *fragments):
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("distil: error:")
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_config_typo_is_one_line_exit_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  stepz: 3\n")
+    _assert_user_error(distil("train", str(cfg)), "train.stepz", "steps")
+    _assert_user_error(distil("train", str(tmp_path / "missing.yaml")), "not found")
+    _assert_user_error(distil("train", "configs/debug.yaml", "--set", "loss.kind=nope"), "loss.kind")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  stepz: 3\n")
+    out = distil("--debug", "train", str(cfg))
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    _assert_user_error(distil("export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")), "not found")
+    _assert_user_error(distil("eval", "--model", str(tmp_path / "nope"), "--mc", "x.jsonl"), "not found")
+
+
+def test_empty_corpus_is_one_line(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _assert_user_error(distil("train", "configs/debug.yaml", "--set", "data.source=jsonl", "--set", f"data.path={empty}",
+                              "--run-dir", str(tmp_path / "run")), "empty")
+    assert not (tmp_path / "run").exists()  # nothing half-written is left behind
+
+
+def test_train_distils_end_to_end_and_eval_export(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    torch.manual_seed(0)
+    teacher = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=1, n_heads=2))
+    teacher.save(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(str(tmp_path / "teacher"))
+    run = tmp_path / "run"
+    args = ["train", "configs/debug-kd.yaml", "--set", f"teacher.path={tmp_path / 'teacher'}", "--set", "data.source=jsonl",
+            "--set", f"data.path={tiny_corpus_file}", "--set", "data.seq_len=32", "--set", "data.val_fraction=0.2",
+            "--set", "train.steps=4", "--set", "train.progress=false", "--run-dir", str(run)]
+    out = distil(*args)
+    assert out.returncode == 0, out.stderr
+    for name in ("config.yaml", "metrics.jsonl", "report.md", "summary.json", "plots/train_loss.png",
+                 "checkpoints/final/model.safetensors", "checkpoints/final/tokenizer.json"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "val"} <= {r["split"] for r in records}
+    assert any(r["name"] == "kl_to_teacher" for r in records)
+    # The same run folder again is refused, and nothing in it is lost.
+    before = (run / "metrics.jsonl").read_text()
+    _assert_user_error(distil(*args), "already exists")
+    assert (run / "metrics.jsonl").read_text() == before
+
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "The model learns", "choices": [" to predict", " banana", " x", " y"], "label": 0}) + "\n")
+    out = distil("eval", "--model", str(run / "checkpoints/final"), "--data", str(tiny_corpus_file), "--seq-len", "32",
+                 "--mc", str(mc), "--teacher", str(tmp_path / "teacher"), "--run", str(run), "--out", str(tmp_path / "e.json"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert {"loss", "ppl", "kl_to_teacher", "top1_agreement"} <= set(result["lm"])
+    assert result["multiple_choice"]["n"] == 1
+    assert any(r["split"] == "eval" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
+
+    out = distil("export", str(run / "checkpoints/final"), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert out.returncode == 0, out.stderr
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf") is not None

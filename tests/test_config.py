@@ -1,0 +1,84 @@
+"""Config loading: presets, overrides, and errors that name the dotted path and the allowed keys."""
+
+from pathlib import Path
+
+import pytest
+
+from distil.config import Config, config_from_dict, config_to_yaml, load_config
+from distil.errors import DistilError
+
+PRESETS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_presets_including_debug():
+    assert "debug" in {p.stem for p in PRESETS}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+    assert cfg.output.name == preset.stem
+    # The resolved config round-trips through YAML.
+    import yaml
+
+    again = config_from_dict(yaml.safe_load(config_to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_set_overrides_any_field():
+    cfg = load_config(None, ["train.steps=7", "loss.kind=reverse_kl", "train.lr=1e-3", "data.max_docs=null",
+                             "student.tie_embeddings=false", "teacher.source=none", "loss.kd_weight=0", "loss.ce_weight=1"])
+    assert cfg.train.steps == 7 and cfg.loss.kind == "reverse_kl" and cfg.train.lr == 1e-3
+    assert cfg.data.max_docs is None and cfg.student.tie_embeddings is False
+    assert isinstance(cfg.loss.kd_weight, float)
+
+
+def test_unknown_key_names_path_and_allowed_keys():
+    with pytest.raises(DistilError) as e:
+        config_from_dict({"train": {"stpes": 3}, "teacher": {"source": "none"}, "loss": {"kd_weight": 0, "ce_weight": 1}})
+    assert "train.stpes" in str(e.value) and "steps" in str(e.value) and "batch_size" in str(e.value)
+    with pytest.raises(DistilError, match="unknown config section 'trian'"):
+        load_config(None, ["trian.steps=3"])
+    with pytest.raises(DistilError, match="unknown config key 'model'"):
+        config_from_dict({"model": {}})
+
+
+def test_wrong_type_names_path():
+    with pytest.raises(DistilError, match=r"train\.steps = 'many' should be int"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(DistilError, match=r"loss\.fused = 3 should be true or false"):
+        load_config(None, ["loss.fused=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.kind=kl", "loss.kind"),
+    ("train.steps=0", "train.steps"),
+    ("loss.temperature=-1", "loss.temperature"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("student.n_heads=3", "divisible"),
+])
+def test_value_checks_name_the_field(override, message):
+    with pytest.raises(DistilError, match=message):
+        load_config(None, [override, "teacher.source=none", "loss.kd_weight=0", "loss.ce_weight=1"])
+
+
+def test_jsd_beta_endpoints_rejected_in_config():
+    with pytest.raises(DistilError, match="reverse_kl"):
+        load_config(None, ["loss.kind=jsd", "loss.beta=0", "teacher.path=x"])
+
+
+def test_teacher_needed_for_kd():
+    with pytest.raises(DistilError, match="teacher.path is required"):
+        load_config(None, [])
+    with pytest.raises(DistilError, match="kd_weight"):
+        load_config(None, ["teacher.source=none"])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(DistilError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(DistilError, match="not valid YAML"):
+        load_config(bad)
