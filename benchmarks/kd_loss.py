@@ -8,8 +8,8 @@ Variants, each on the same inputs (student hidden [N, H] and head [V, H]; teache
 
 * eager: materialised logits, log_softmax and the divergence, autograd (what users write by hand);
 * fused: ``distil.losses.fused_linear_kd_loss`` (chunked, closed-form gradients);
-* liger: Liger-Kernel's fused linear JSD (its chunked distillation loss), when installed,
-  timed after its compile warm-up.
+* liger: Liger-Kernel's chunked distillation loss (``LigerFusedLinearJSDLoss``, generalised JSD),
+  when installed, timed after its torch.compile warm-up. Compare it with ``--kind jsd``.
 
 Each variant runs in a fresh subprocess. Peak memory is the extra resident memory (CPU: VmHWM
 above the level after the inputs exist) or the CUDA allocator's peak above the inputs.
@@ -53,13 +53,15 @@ def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repea
             loss = fused_linear_kd_loss(h, w, th, tw, kind=kind)
             loss.backward()
     elif variant == "liger":
-        from liger_kernel.transformers import LigerFusedLinearJSD
+        # Liger's chunked distillation loss (torch.compile, runs on CPU too): generalised JSD, so
+        # compare with --kind jsd (beta 0.5 on both sides).
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        # Liger's JSD with beta -> forward or reverse KL at its end points (its convention).
-        liger = LigerFusedLinearJSD(jsd_beta=0.0 if kind == "forward_kl" else 1.0)
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=True)
+        labels = torch.zeros(tokens, dtype=torch.long, device=device)
 
         def step():
-            loss = liger(h, w, th, tw)
+            loss = liger(h, w, th, tw, labels)
             loss.backward()
     else:
         raise ValueError(variant)

@@ -7,13 +7,17 @@ from distil.demo import DemoSettings, run_demo, verdict
 
 def test_demo_pipeline_writes_an_honest_report(tmp_path):
     settings = DemoSettings(vocab_size=384, seq_len=32, batch_size=4, teacher=(48, 2, 2), student=(32, 1, 2),
-                            teacher_steps=8, student_steps=4, val_every=2, val_batches=2, mc_items=8, max_docs=150)
+                            teacher_steps=8, student_steps=4, val_every=2, val_batches=2, mc_items=8, max_docs=150,
+                            hybrid_steps=2, decode_tokens=4, decode_context=16)
     results = run_demo(tmp_path / "demo", settings=settings, progress=False)
     assert set(results) == {"teacher", "ce", "forward_kl", "reverse_kl"}
     report = (tmp_path / "demo" / "report.md").read_text()
     assert verdict(results) in report
     for label in ("teacher", "hard-label CE only", "forward KL", "reverse KL"):
         assert f"| {label} |" in report
+    assert "## 50% hybrid" in report and "MIL (from attention)" in report
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["hybrids"]["mil"]["kl_before"] < summary["hybrids"]["random"]["kl_before"]
     for plot in ("val_loss.png", "train_loss_ce.png", "train_loss_kd.png"):
         assert (tmp_path / "demo" / "plots" / plot).stat().st_size > 1000
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["complete"] is True

@@ -52,7 +52,8 @@ class ModelConfig:
     sliding_window: int | None = None
     # Hybrid students: one letter per layer, A = attention, M = Mamba2, D = discrete Mamba2.
     pattern: str | None = None
-    ssm: dict = field(default_factory=dict)  # keyword arguments of the SSM mixers (d_state, expand, ...)
+    # Keyword arguments of the SSM mixers by pattern letter: {"M": {"d_state": 16, ...}, "D": {...}}.
+    ssm: dict = field(default_factory=dict)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
@@ -203,8 +204,8 @@ def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
     from distil.models import ssm  # imported lazily: plain transformers never need it
 
     if kind == "M":
-        return ssm.Mamba2Mixer(cfg.d_model, **cfg.ssm)
-    return ssm.DiscreteMamba2Mixer(cfg.d_model, **cfg.ssm)
+        return ssm.Mamba2Mixer(cfg.d_model, **cfg.ssm.get("M", {}))
+    return ssm.DiscreteMamba2Mixer(cfg.d_model, **cfg.ssm.get("D", {}))
 
 
 class Block(nn.Module):

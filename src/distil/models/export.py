@@ -1,0 +1,106 @@
+"""Export hybrids to an architecture stock ``transformers`` loads: GraniteMoeHybrid.
+
+    export_hf(model, "out/")   # all-attention -> Llama/Qwen2/Mistral; attention + Mamba2 -> GraniteMoeHybrid
+
+GraniteMoeHybrid with ``num_local_experts=0`` is a Llama-style decoder whose layers are attention
+or Mamba2 (mamba_ssm layout), with a dense ``shared_mlp`` holding [gate | up] in ``input_linear``
+and down in ``output_linear``, rotary position embeddings, ``attention_multiplier = head_dim^-0.5``
+and the embedding, residual and logits multipliers at 1. That is exactly distil's hybrid with
+Mamba2 layers, so the export is a renaming, and a Llama maps onto it with zero logit difference.
+
+What cannot be exported, and why:
+
+* discrete Mamba2 layers: no architecture in transformers has that mixer (per-timestep decay
+  from ``in_proj``, ``z_bias``, no gated norm); keep those models in distil's native format.
+* Mamba2 layers whose groups differ between layers, QKV biases, a sliding window, or head_dim
+  other than d_model / n_heads: GraniteMoeHybrid has one setting for all layers and none of these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distil.errors import DistilError
+from distil.fsutil import atomic_dir
+
+
+def granite_config_for(model):
+    import transformers
+
+    cfg = model.config
+    if "D" in cfg.pattern:
+        raise DistilError("discrete Mamba2 layers cannot be exported to transformers: no architecture there has that "
+                          "mixer; keep this model in distil's native format (model.save)")
+    if cfg.qkv_bias or cfg.sliding_window is not None:
+        raise DistilError("GraniteMoeHybrid has no QKV bias or sliding window; this model cannot be exported as a hybrid")
+    if cfg.head_dim * cfg.n_heads != cfg.d_model:
+        raise DistilError("GraniteMoeHybrid needs head_dim == d_model / n_heads")
+    ssm = cfg.ssm.get("M") if "M" in cfg.pattern else None
+    if ssm is None:  # no Mamba2 layers: valid placeholder settings that no layer uses
+        ssm = dict(d_inner=cfg.d_model, head_dim=cfg.head_dim, n_groups=1, d_state=16, norm_eps=cfg.rms_norm_eps)
+    if ssm.get("norm_eps", 1e-5) != cfg.rms_norm_eps:
+        raise DistilError(f"the Mamba2 gated norm's eps ({ssm.get('norm_eps', 1e-5)}) differs from rms_norm_eps "
+                          f"({cfg.rms_norm_eps}); GraniteMoeHybrid uses one epsilon for both")
+    d_inner = ssm.get("d_inner") or int(ssm.get("expand", 2) * cfg.d_model)
+    mamba = dict(mamba_n_heads=d_inner // ssm.get("head_dim", 64), mamba_n_groups=ssm.get("n_groups", 1),
+                 mamba_d_state=ssm.get("d_state", 128), mamba_d_head=ssm.get("head_dim", 64),
+                 mamba_d_conv=ssm.get("d_conv", 4), mamba_expand=d_inner // cfg.d_model,
+                 mamba_chunk_size=ssm.get("chunk_size", 256), mamba_conv_bias=True, mamba_proj_bias=False)
+    if d_inner % cfg.d_model:
+        raise DistilError(f"Mamba2 d_inner = {d_inner} is not a whole multiple of d_model = {cfg.d_model}, "
+                          "which GraniteMoeHybrid's integer mamba_expand requires")
+    hf = transformers.GraniteMoeHybridConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.intermediate_size,
+        shared_intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings, num_local_experts=0, position_embedding_type="rope",
+        attention_multiplier=cfg.head_dim**-0.5, embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0,
+        layer_types=["attention" if k == "A" else "mamba" for k in cfg.pattern], attention_bias=False,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.eos_token_id, **mamba)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    from distil.models.hf import _set_rope
+
+    _set_rope(hf, rope)
+    hf.architectures = ["GraniteMoeHybridForCausalLM"]
+    return hf
+
+
+def granite_state_dict(model) -> dict[str, torch.Tensor]:
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            if not model.config.tie_embeddings:
+                state[k] = v
+            continue
+        if ".mlp.gate_proj." in k or ".mlp.up_proj." in k:
+            continue
+        if ".mlp.down_proj." in k:
+            state["model." + k.replace(".mlp.down_proj.", ".shared_mlp.output_linear.")] = v
+            prefix = k.split(".mlp.")[0]
+            gate, up = model.state_dict()[f"{prefix}.mlp.gate_proj.weight"], model.state_dict()[f"{prefix}.mlp.up_proj.weight"]
+            state[f"model.{prefix}.shared_mlp.input_linear.weight"] = torch.cat([gate, up], dim=0)
+            continue
+        state["model." + k] = v
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def export_hf(model, path: str | Path, *, tokenizer=None, overwrite: bool = True, hybrid_format: str = "auto") -> str:
+    """Write ``model`` for ``AutoModelForCausalLM``; returns the architecture name used."""
+    from safetensors.torch import save_file
+
+    from distil.models.hf import save_hf
+
+    if not model.config.is_hybrid and hybrid_format != "granite":
+        save_hf(model, path, tokenizer=tokenizer, overwrite=overwrite)
+        return "llama-family"
+    hf = granite_config_for(model)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        hf.save_pretrained(tmp)
+        save_file(granite_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return "GraniteMoeHybridForCausalLM"

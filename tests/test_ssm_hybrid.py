@@ -1,0 +1,264 @@
+"""SSM mixers against transformers and the sequential recurrence; hybrids, placement, export, generation."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from distil.errors import DistilError
+from distil.hybrid import hybridize, select_layers
+from distil.hybrid.progressive import convert_progressively
+from distil.models import DiscreteMamba2Mixer, Mamba2Mixer, ModelConfig, TransformerLM, load
+from distil.models.export import export_hf
+from distil.models.generate import generate
+from distil.models.ssm import ssd_chunked, ssd_sequential
+
+
+def _perturb(module, scale=0.1):
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_mamba2_matches_transformers_with_copied_weights():
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
+
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(hidden_size=32, state_size=8, expand=2, head_dim=16, n_groups=2, conv_kernel=4,
+                                    chunk_size=8, num_heads=4, use_bias=False, use_conv_bias=True)
+    hf = HFMamba2Mixer(cfg, layer_idx=0).eval()
+    _perturb(hf)
+    ours = Mamba2Mixer(32, d_state=8, expand=2, head_dim=16, n_groups=2, d_conv=4, chunk_size=8)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 21, 32)  # 21: not a multiple of the chunk
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], hf(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 8, 32])
+@pytest.mark.parametrize("length", [1, 7, 16])
+def test_chunked_scan_equals_sequential_recurrence(chunk_size, length):
+    g = torch.Generator().manual_seed(length * 31 + chunk_size)
+    x = torch.randn(2, length, 4, 5, generator=g, dtype=torch.float64)
+    log_decay = -torch.rand(2, length, 4, generator=g, dtype=torch.float64) * 2
+    B, C = (torch.randn(2, length, 2, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    initial = torch.randn(2, 4, 5, 3, generator=g, dtype=torch.float64)
+    y1, s1 = ssd_chunked(x, log_decay, B, C, chunk_size=chunk_size, initial_state=initial)
+    y2, s2 = ssd_sequential(x, log_decay, B, C, initial_state=initial)
+    torch.testing.assert_close(y1, y2, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(s1, s2, atol=1e-12, rtol=1e-10)
+
+
+def _mixers():
+    torch.manual_seed(0)
+    m2 = Mamba2Mixer(24, d_state=6, expand=2, head_dim=8, n_groups=3, d_conv=4, chunk_size=5)
+    d2 = DiscreteMamba2Mixer(24, d_state=6, n_qk_heads=2, n_v_heads=4, expand=1, d_conv=3, chunk_size=5)
+    for m in (m2, d2):
+        _perturb(m, 0.3)
+    return {"mamba2": m2, "discrete_mamba2": d2}
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "discrete_mamba2"])
+def test_piecewise_forward_with_carried_state_equals_whole(kind):
+    mixer = _mixers()[kind].double()
+    x = torch.randn(2, 23, 24, dtype=torch.float64)
+    with torch.no_grad():
+        whole, whole_state = mixer(x)
+        pieces, state = [], None
+        for start, end in ((0, 6), (6, 7), (7, 19), (19, 23)):
+            out, state = mixer(x[:, start:end], state=state)
+            pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(state.ssm, whole_state.ssm, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "discrete_mamba2"])
+def test_step_equals_forward(kind):
+    mixer = _mixers()[kind].double()
+    x = torch.randn(3, 9, 24, dtype=torch.float64)
+    with torch.no_grad():
+        whole, _ = mixer(x)
+        state = mixer.empty_state(3, dtype=torch.float64)
+        steps = []
+        for t in range(9):
+            y, state = mixer.step(x[:, t], state)
+            steps.append(y)
+    torch.testing.assert_close(torch.stack(steps, 1), whole, atol=1e-10, rtol=1e-9)
+
+
+def _teacher(n_layers=4, **kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=61, d_model=48, n_layers=n_layers, n_heads=4, n_kv_heads=2, **kw)
+    return TransformerLM(ModelConfig(**cfg)).eval()
+
+
+def test_hybridize_with_no_layers_reproduces_the_teacher():
+    teacher = _teacher()
+    x = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(hybridize(teacher, [])(x), teacher(x))
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "discrete_mamba2"])
+@pytest.mark.parametrize("d_state", [6, 12, 20])  # smaller than, equal to, larger than head_dim 12
+def test_mil_copies_attention_weights(mixer, d_state):
+    teacher = _teacher()
+    hybrid = hybridize(teacher, [1], mixer=mixer, d_state=d_state, chunk_size=8)
+    assert hybrid.config.pattern == "AMAA" if mixer == "mamba2" else "ADAA"
+    attn, ssm = teacher.layers[1].self_attn, hybrid.layers[1].mamba
+    head_dim, rows = 12, min(d_state, 12)
+    x_off, b_off = (ssm.d_inner, 2 * ssm.d_inner) if mixer == "mamba2" else (0, ssm.d_inner)
+    c_off = b_off + 4 * d_state
+    w = ssm.in_proj.weight
+    for h in range(4):
+        kv = h // 2  # GQA: two query heads share a key/value head
+        assert torch.equal(w[x_off + h * head_dim : x_off + (h + 1) * head_dim], attn.v_proj.weight[kv * head_dim : (kv + 1) * head_dim])
+        assert torch.equal(w[b_off + h * d_state : b_off + h * d_state + rows], attn.k_proj.weight[kv * head_dim : kv * head_dim + rows])
+        assert torch.equal(w[c_off + h * d_state : c_off + h * d_state + rows], attn.q_proj.weight[h * head_dim : h * head_dim + rows])
+    assert torch.equal(ssm.out_proj.weight, attn.o_proj.weight)
+    for name in ("mlp.gate_proj.weight", "input_layernorm.weight"):
+        assert torch.equal(hybrid.layers[1].get_parameter(name), teacher.layers[1].get_parameter(name))
+    x = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        assert torch.isfinite(hybrid(x)).all()
+
+
+def test_mil_starts_closer_to_the_teacher_than_random():
+    teacher = _teacher()
+    x = torch.randint(0, 61, (4, 24))
+    from distil.losses import kd_loss
+
+    with torch.no_grad():
+        ref = teacher(x)
+        kl = {init: kd_loss(hybridize(teacher, [0, 2], init=init, chunk_size=8)(x), ref).item() for init in ("mil", "random")}
+    assert kl["mil"] < kl["random"]
+
+
+def test_native_save_load_of_hybrids_is_exact(tmp_path):
+    hybrid = hybridize(hybridize(_teacher(), [1], chunk_size=8), [3], mixer="discrete_mamba2", chunk_size=8).eval()
+    assert hybrid.config.pattern == "AMAD"
+    hybrid.save(tmp_path / "h")
+    again = load(tmp_path / "h").eval()
+    x = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(again(x), hybrid(x))
+
+
+def test_export_round_trip_through_transformers(tmp_path):
+    teacher = _teacher()
+    hybrid = hybridize(teacher, [0, 2], d_state=8, chunk_size=8).eval()
+    _perturb(hybrid.layers[0].mamba, 0.05)
+    assert export_hf(hybrid, tmp_path / "hybrid") == "GraniteMoeHybridForCausalLM"
+    config = json.loads((tmp_path / "hybrid" / "config.json").read_text())
+    assert "auto_map" not in config  # no custom code
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid").eval()
+    x = torch.randint(0, 61, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, hybrid(x), atol=1e-4, rtol=0)
+    # A plain Llama maps onto GraniteMoeHybrid with zero logit difference.
+    export_hf(teacher, tmp_path / "llama_as_granite", hybrid_format="granite")
+    granite = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama_as_granite").eval()
+    with torch.no_grad():
+        assert torch.equal(granite(x).logits, teacher(x))
+
+
+def test_discrete_mamba2_export_is_refused_with_a_reason(tmp_path):
+    hybrid = hybridize(_teacher(), [1], mixer="discrete_mamba2", chunk_size=8)
+    with pytest.raises(DistilError, match="discrete Mamba2.*native"):
+        export_hf(hybrid, tmp_path / "x")
+
+
+@pytest.mark.parametrize("strategy", ["importance", "uniform"])
+def test_select_layers_is_deterministic(strategy):
+    teacher = _teacher(n_layers=6)
+    data = torch.randint(0, 61, (3, 16), generator=torch.Generator().manual_seed(1))
+    first = select_layers(teacher, 4, strategy, data, d_state=8, chunk_size=8)
+    second = select_layers(teacher, 4, strategy, data, d_state=8, chunk_size=8)
+    assert first == second and len(first.ssm_layers) == 4 and len(first.scores) == 6
+
+
+def test_uniform_placement_keeps_one_attention_layer_per_bin():
+    teacher = _teacher(n_layers=6)
+    scores = {0: 9.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 5.0, 5: 1.0}  # importance alone would keep layers 0 and 4
+    uniform = select_layers(teacher, 4, "uniform", scores=scores)
+    kept = sorted(set(range(6)) - set(uniform.ssm_layers))
+    assert kept == [0, 4]
+    scores = {0: 9.0, 1: 8.0, 2: 7.0, 3: 1.0, 4: 1.0, 5: 1.0}
+    assert sorted(set(range(6)) - set(select_layers(teacher, 4, "importance", scores=scores).ssm_layers)) == [0, 1]
+    assert sorted(set(range(6)) - set(select_layers(teacher, 4, "uniform", scores=scores).ssm_layers)) == [0, 3]
+    assert select_layers(teacher, 2, "first").ssm_layers == [0, 1]
+    assert select_layers(teacher, 2, "last").ssm_layers == [4, 5]
+    assert select_layers(teacher, 0, [2, 5]).ssm_layers == [2, 5]
+
+
+def test_leave_one_out_scores_restore_the_model():
+    teacher = _teacher()
+    data = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        before = teacher(data)
+    sel = select_layers(teacher, 2, "importance", data, score="leave_one_out")
+    assert sel.score_kind == "leave_one_out" and all(v >= 0 for v in sel.scores.values())
+    with torch.no_grad():
+        assert torch.equal(teacher(data), before)
+
+
+def test_progressive_conversion_keeps_trained_layers():
+    teacher = _teacher(n_layers=4)
+    data = torch.randint(0, 61, (2, 12))
+    seen = []
+
+    def distil_stage(student, selection):
+        seen.append((student.config.pattern, [n for n, p in student.named_parameters() if p.requires_grad]))
+        with torch.no_grad():
+            for i in selection.ssm_layers:
+                student.layers[i].mamba.D.add_(1.0)  # stand-in for training: a visible change
+        return student
+
+    stages = convert_progressively(teacher, [1, 3], distil_stage, strategy="uniform", data=data, d_state=8,
+                                   chunk_size=8, train_only_ssm=True)
+    first, second = stages
+    assert set(first.selection.ssm_layers) < set(second.selection.ssm_layers)
+    kept = first.selection.ssm_layers[0]
+    # The layer converted in stage 1 was "trained" twice; layers new in stage 2 once.
+    assert torch.allclose(second.model.layers[kept].mamba.D, torch.full_like(second.model.layers[kept].mamba.D, 3.0))
+    new = sorted(set(second.selection.ssm_layers) - {kept})[0]
+    assert torch.allclose(second.model.layers[new].mamba.D, torch.full_like(second.model.layers[new].mamba.D, 2.0))
+    assert all(name.startswith("layers.") and ".mamba." in name for name in seen[1][1])
+
+
+@pytest.mark.parametrize("ssm_layers", [[], [1, 2]])
+def test_generation_with_kv_cache_and_ssm_state_matches_full_forward(ssm_layers):
+    model = hybridize(_teacher(), ssm_layers, chunk_size=8).eval()
+    prompt = torch.randint(0, 61, (2, 7))
+    out = generate(model, prompt, max_new_tokens=6)
+    assert out.shape == (2, 13)
+    with torch.no_grad():
+        logits = model(out[:, :-1])
+    # Greedy decoding: every generated token is the argmax of the full forward at its position.
+    assert torch.equal(logits[:, 6:].argmax(-1), out[:, 7:])
+
+
+def test_training_a_hybrid_student_lowers_its_kl(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    from distil.config import config_from_dict
+    from distil.data.dataset import build_data
+    from distil.eval.perplexity import evaluate_lm
+    from distil.train.loop import train
+    from distil.train.teacher import Teacher
+
+    torch.manual_seed(0)
+    teacher_model = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=48, n_layers=2, n_heads=4))
+    teacher = Teacher(teacher_model, native=True)
+    cfg = config_from_dict({
+        "teacher": {"source": "model", "path": "unused"},
+        "data": {"source": "jsonl", "path": str(tiny_corpus_file), "seq_len": 32, "val_fraction": 0.2},
+        "loss": {"kind": "reverse_kl", "kd_weight": 1.0, "ce_weight": 0.0},
+        "train": {"steps": 15, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "progress": False, "val_every": 0},
+    })
+    data = build_data(cfg.data, tiny_tokenizer)
+    student = hybridize(teacher_model, [1], init="random", d_state=8, chunk_size=16)
+    before = evaluate_lm(student, data.val_windows, teacher=teacher)["kl_to_teacher"]
+    result = train(cfg, tokenizer=tiny_tokenizer, data=data, teacher=teacher, student=student)
+    assert result.val["kl_to_teacher"] < before
