@@ -126,8 +126,8 @@ def _worker(rank, world, init_file, result_dir):
     failures = []
     try:
         for case in _cases():
-            checks = [("vocab", lambda: _check_vocab(case, rank, world))]
-            checks += [(f"sequence{p}", lambda p=p: _check_sequence(case, rank, world, p)) for p in (0, 1)]
+            checks = [("vocab", lambda case=case: _check_vocab(case, rank, world))]
+            checks += [(f"sequence{p}", lambda p=p, case=case: _check_sequence(case, rank, world, p)) for p in (0, 1)]
             for form, check in checks:
                 try:
                     check()
