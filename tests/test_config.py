@@ -82,3 +82,18 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(DistilError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_docs_mention_every_config_field():
+    import dataclasses
+
+    from distil import config as c
+
+    text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    for section in dataclasses.fields(Config):
+        assert f"## {section.name}" in text, section.name
+    for cls in (c.TeacherConfig, c.StudentConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.EvalConfig, c.OutputConfig):
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in text, f"{cls.__name__}.{f.name} is not documented in docs/config.md"
+    for preset in PRESETS:
+        assert preset.name in text, preset.name

@@ -90,12 +90,50 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a checkpoint for the transformers ecosystem",
         description="Write a checkpoint that transformers.AutoModelForCausalLM loads without custom code. "
-        "All-attention models export as Llama (or Qwen2 with QKV bias, Mistral with a sliding window).",
+        "All-attention models export as Llama (or Qwen2 with QKV bias, Mistral with a sliding window); hybrids with "
+        "Mamba2 layers as GraniteMoeHybrid. Discrete Mamba2 layers have no transformers equivalent and are refused.",
     )
     p.add_argument("path", help="distil checkpoint directory")
     p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "hybridize",
+        help="turn attention layers of a model into Mamba2 / discrete Mamba2 layers (MIL init)",
+        description="Convert some attention layers of a model (distil checkpoint or transformers Llama/Qwen2/Mistral) "
+        "into SSM layers initialised from the attention weights (MIL) or at random, and save the hybrid with its "
+        "tokenizer and the layer scores. Distil it afterwards with `distil train` and student.path pointing here.",
+    )
+    p.add_argument("model", help="checkpoint directory (with its tokenizer)")
+    p.add_argument("--out", required=True, help="output directory for the hybrid")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--num-ssm", type=int, help="how many attention layers to convert")
+    which.add_argument("--layers", help="explicit comma-separated layer indices, e.g. 1,3,5")
+    p.add_argument("--placement", default="uniform", choices=["uniform", "importance", "first", "last"],
+                   help="how to choose the layers with --num-ssm (default: uniform, one attention layer kept per bin)")
+    p.add_argument("--score", default="mil", choices=["mil", "leave_one_out"],
+                   help="importance score: KL when the layer alone becomes its MIL SSM, or when it is removed")
+    p.add_argument("--mixer", default="mamba2", choices=["mamba2", "discrete_mamba2"])
+    p.add_argument("--init", default="mil", choices=["mil", "random"])
+    p.add_argument("--d-state", type=int, default=16, help="SSM state size per head (default: 16)")
+    p.add_argument("--expand", type=float, help="d_inner / d_model (default: n_heads * head_dim / d_model)")
+    p.add_argument("--chunk-size", type=int, default=128, help="SSD scan chunk length (default: 128)")
+    p.add_argument("--data", help="held-out text/JSONL to score layers on (default: the embedded corpus)")
+    p.add_argument("--samples", type=int, default=16, help="sequences used to score layers (default: 16)")
+    p.add_argument("--seq-len", type=int, default=256, help="length of those sequences (default: 256)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    _add_common(p)
+
+    p = sub.add_parser("generate", help="generate text from a model (KV cache for attention, state for SSM layers)",
+                       description="Continue a prompt with a distil or transformers Llama-family checkpoint.")
+    p.add_argument("model", help="checkpoint directory (with its tokenizer)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0)
     _add_common(p)
 
     p = sub.add_parser("info", help="versions, device and which optional kernels are available",
@@ -185,17 +223,85 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from distil.data.tokenize import has_tokenizer, load_tokenizer
     from distil.models import load
-    from distil.models.hf import save_hf
+    from distil.models.export import export_hf
 
     model = load(args.path)
-    tokenizer = None
-    from distil.data.tokenize import has_tokenizer, load_tokenizer
+    tokenizer = load_tokenizer(args.path) if has_tokenizer(args.path) else None
+    arch = export_hf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    log.info("exported %s to %s (%s, loads with transformers.AutoModelForCausalLM)", args.path, args.out, arch)
 
-    if has_tokenizer(args.path):
-        tokenizer = load_tokenizer(args.path)
-    save_hf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
-    log.info("exported %s to %s (transformers format)", args.path, args.out)
+
+def cmd_hybridize(args) -> None:
+    import json
+
+    import torch
+
+    from distil.data.tokenize import has_tokenizer, load_tokenizer
+    from distil.hybrid import hybridize, select_layers
+    from distil.models import load
+    from distil.models.io import save_native
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise DistilError(f"{args.out} already exists; pass --overwrite to replace it")
+    model = load(args.model).eval()
+    tokenizer = load_tokenizer(args.model) if has_tokenizer(args.model) else None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError as e:
+            raise DistilError(f"--layers {args.layers!r} should be comma-separated integers") from e
+        selection = select_layers(model, len(layers), layers)
+    else:
+        data = None
+        if args.placement in ("uniform", "importance"):
+            data = _scoring_tokens(args, tokenizer)
+        selection = select_layers(model, args.num_ssm, args.placement, data, score=args.score, mixer=args.mixer,
+                                  d_state=args.d_state, chunk_size=args.chunk_size)
+    with torch.no_grad():
+        hybrid = hybridize(model, selection.ssm_layers, mixer=args.mixer, init=args.init, d_state=args.d_state,
+                           expand=args.expand, chunk_size=args.chunk_size)
+    save_native(hybrid, args.out, tokenizer=tokenizer, overwrite=True)
+    selection.save(Path(args.out) / "layer_scores.json")
+    log.info("pattern %s (%d SSM layers: %s) saved to %s", hybrid.config.pattern, len(selection.ssm_layers),
+             json.dumps(selection.ssm_layers), args.out)
+
+
+def _scoring_tokens(args, tokenizer):
+    import torch
+
+    from distil.data.corpus import load_documents
+    from distil.data.packing import concat_windows
+    from distil.data.tokenize import tokenize_documents
+
+    if tokenizer is None:
+        raise DistilError(f"{args.model} has no tokenizer to tokenize scoring data with")
+    from types import SimpleNamespace
+
+    if args.data:
+        source = "jsonl" if args.data.endswith(".jsonl") else "text"
+        docs = load_documents(SimpleNamespace(source=source, path=args.data, text_field="text", max_docs=None))
+    else:
+        docs = load_documents(SimpleNamespace(source="embedded", path=None, max_docs=None))[-200:]
+    windows, _ = concat_windows(tokenize_documents(tokenizer, docs), args.seq_len)
+    return torch.from_numpy(windows[: args.samples, :-1].astype("int64"))
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from distil.data.tokenize import has_tokenizer, load_tokenizer
+    from distil.models import load
+    from distil.models.generate import generate_text
+
+    if not has_tokenizer(args.model):
+        raise DistilError(f"no tokenizer in {args.model}")
+    torch.manual_seed(args.seed)
+    model = load(args.model)
+    text = generate_text(model, load_tokenizer(args.model), args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k)
+    print(args.prompt + text)
 
 
 def cmd_info(args) -> None:
@@ -205,4 +311,5 @@ def cmd_info(args) -> None:
         print(f"{key:>16}: {value}")
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "hybridize": cmd_hybridize,
+            "generate": cmd_generate, "info": cmd_info}

@@ -41,14 +41,14 @@ def _check_positive(section: str, name: str, value: float | int | None, *, allow
 class TeacherConfig:
     """Where the teacher's signal comes from."""
 
-    source: str = "model"  # model | cache | none
-    path: str | None = None  # a transformers checkpoint dir (or hub id), a distil checkpoint, or a cache dir
+    source: str = "model"  # model | none
+    path: str | None = None  # a transformers checkpoint dir (or hub id), or a distil checkpoint
     dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self):
-        _check_choice("teacher", "source", self.source, ("model", "cache", "none"))
+        _check_choice("teacher", "source", self.source, ("model", "none"))
         _check_choice("teacher", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if self.source in ("model", "cache") and not self.path:
+        if self.source == "model" and not self.path:
             raise DistilError(f"teacher.path is required when teacher.source is {self.source!r}")
 
 
@@ -56,7 +56,8 @@ class TeacherConfig:
 class StudentConfig:
     """The student's architecture, or a checkpoint to start from."""
 
-    path: str | None = None  # start from this checkpoint instead of a fresh random model
+    path: str | None = None  # start from this checkpoint (e.g. a `distil hybridize` output) instead of a fresh model
+    train_only_ssm: bool = False  # with a hybrid student: freeze everything but the SSM mixers
     n_layers: int = 4
     d_model: int = 256
     n_heads: int = 4

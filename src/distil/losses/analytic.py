@@ -29,39 +29,42 @@ from distil.losses.divergences import LOG_FLOOR
 
 
 def divergence_and_h(logp_s: torch.Tensor, logp_t: torch.Tensor, kind: str, *, beta: float, skew: float):
-    """Per-token partial loss (a sum over the given vocabulary columns) and h, for the columns given.
+    """Per-token partial loss (a sum over the given vocabulary columns), h, and p_s, for the columns given.
 
     ``logp_*`` are (clamped) log-probabilities over the full vocabulary or one rank's slice of it.
     """
-    p_t = logp_t.exp()
+    p_t, p_s = logp_t.exp(), logp_s.exp()
     if kind == "forward_kl":
         loss = torch.linalg.vecdot(p_t, logp_t - logp_s)
-        return loss, p_t.neg_()
-    p_s = logp_s.exp()
+        return loss, p_t.neg_(), p_s
     if kind == "reverse_kl":
         diff = logp_s - logp_t
-        return (p_s * diff).sum(-1), p_s * (diff + 1.0)
+        return torch.linalg.vecdot(p_s, diff), p_s * diff.add_(1.0), p_s
     if kind == "jsd":
-        log_m = torch.logaddexp(math.log(beta) + logp_t, math.log1p(-beta) + logp_s)
-        loss = beta * (p_t * (logp_t - log_m)).sum(-1) + (1.0 - beta) * (p_s * (logp_s - log_m)).sum(-1)
-        return loss, (1.0 - beta) * p_s * (logp_s - log_m)
+        # log m from the probabilities already at hand: one log instead of logaddexp's exp + log1p.
+        # Only terms with p ~ 0 lose relative precision, and those are weighted by p.
+        log_m = _log_prob_mix(p_t, p_s, beta)
+        diff_s = logp_s - log_m
+        loss = beta * torch.linalg.vecdot(p_t, logp_t - log_m) + (1.0 - beta) * torch.linalg.vecdot(p_s, diff_s)
+        return loss, diff_s.mul_(p_s).mul_(1.0 - beta), p_s
     if kind == "skew_forward_kl":
-        log_r = _log_mix(logp_t, logp_s, skew)
-        return (p_t * (logp_t - log_r)).sum(-1), -(1.0 - skew) * torch.exp((logp_s + logp_t - log_r).clamp_min(LOG_FLOOR))
+        log_r = _log_prob_mix(p_t, p_s, skew)
+        h = (p_s * p_t).div_(torch.exp(log_r)).nan_to_num_(0.0).mul_(-(1.0 - skew))
+        return torch.linalg.vecdot(p_t, logp_t - log_r), h, p_s
     if kind == "skew_reverse_kl":
-        log_r = _log_mix(logp_s, logp_t, skew)
-        ratio = torch.exp((logp_s - log_r).clamp_max(0.0 if skew == 0 else -math.log(skew)))
-        return (p_s * (logp_s - log_r)).sum(-1), p_s * (logp_s - log_r + 1.0 - skew * ratio)
+        log_r = _log_prob_mix(p_s, p_t, skew)
+        diff = logp_s - log_r
+        ratio = torch.exp(diff.clamp_max(0.0 if skew == 0 else -math.log(skew)))
+        return torch.linalg.vecdot(p_s, diff), p_s * (diff + 1.0 - skew * ratio), p_s
     if kind == "tvd":
         diff = p_s - p_t
-        return 0.5 * diff.abs().sum(-1), 0.5 * p_s * torch.sign(diff)
+        return 0.5 * diff.abs().sum(-1), 0.5 * p_s * torch.sign(diff), p_s
     raise ValueError(f"no closed form for kind {kind!r}")
 
 
-def _log_mix(logp_a, logp_b, weight_a: float):
-    if weight_a == 0.0:
-        return logp_b
-    return torch.logaddexp(math.log(weight_a) + logp_a, math.log1p(-weight_a) + logp_b)
+def _log_prob_mix(p_a: torch.Tensor, p_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * p_a + (1 - weight_a) * p_b), clamped to the finite floor where it is 0."""
+    return torch.log(p_a * weight_a + p_b * (1.0 - weight_a)).clamp_min_(LOG_FLOOR)
 
 
 def softmax_grad(p_s: torch.Tensor, h: torch.Tensor, h_sum: torch.Tensor) -> torch.Tensor:

@@ -79,8 +79,8 @@ def _chunk_loss_and_grad(
             per_token, grad_z = mse_and_grad(student_z, teacher_z)
         else:
             logp_s = safe_log_softmax(student_z)
-            per_token, h = divergence_and_h(logp_s, safe_log_softmax(teacher_z), kind, beta=beta, skew=skew)
-            grad_z = softmax_grad(logp_s.exp(), h, h.sum(-1))
+            per_token, h, p_s = divergence_and_h(logp_s, safe_log_softmax(teacher_z), kind, beta=beta, skew=skew)
+            grad_z = softmax_grad(p_s, h, h.sum(-1))
         loss = loss + (per_token * kd_w).sum()
         grad_z.mul_((kd_w / temperature).unsqueeze(-1))
         if vocab == capped.shape[-1]:

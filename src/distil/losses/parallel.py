@@ -127,10 +127,10 @@ class _VocabParallelKD(torch.autograd.Function):
             per_token = _all_reduce(partial, dist.ReduceOp.SUM, group)
         else:
             logp_s, logp_t = _global_log_softmax(student_z, group, extra=[teacher_z])
-            partial, h = divergence_and_h(logp_s, logp_t, kind, beta=opts["beta"], skew=opts["skew"])
+            partial, h, p_s = divergence_and_h(logp_s, logp_t, kind, beta=opts["beta"], skew=opts["skew"])
             reduced = _all_reduce(torch.stack([partial, h.sum(-1)]), dist.ReduceOp.SUM, group)
             per_token, h_sum = reduced[0], reduced[1]
-            grad_z = softmax_grad(logp_s.exp(), h, h_sum)
+            grad_z = softmax_grad(p_s, h, h_sum)
         if padding is not None:
             grad_z = grad_z.masked_fill(padding, 0.0)
         grad = grad_z / temperature

@@ -182,6 +182,12 @@ def train(
             student = load(cfg.student.path)
         else:
             student = TransformerLM(student_model_config(cfg, teacher_vocab or len(tokenizer), tokenizer))
+    if cfg.student.train_only_ssm:
+        if not student.config.is_hybrid:
+            raise DistilError("student.train_only_ssm is set but the student has no SSM layers")
+        from distil.hybrid.progressive import freeze_all_but_ssm
+
+        freeze_all_but_ssm(student)
     check_vocabularies(tokenizer, student.config.vocab_size, teacher_vocab)
     student.to(device).train()
     if teacher is not None:
