@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--run-dir", help="run folder (default: <output.run_dir>/<output.name or config name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's latest checkpoint (also automatic when it has one)")
     _add_common(p)
 
     p = sub.add_parser(
@@ -186,28 +188,43 @@ def cmd_demo(args) -> None:
 
 def cmd_train(args) -> None:
     from distil.config import config_to_yaml, load_config
+    from distil.train.checkpoint import latest_checkpoint
+    from distil.train.distributed import barrier, init_distributed
     from distil.train.loop import train
     from distil.train.report import write_run_report
     from distil.train.run_dir import RunDir
 
     cfg = load_config(args.config, args.overrides)
+    info = init_distributed(cfg.train.device)
     run_path = Path(args.run_dir) if args.run_dir else Path(cfg.output.run_dir) / (cfg.output.name or "run")
     existed = run_path.exists()
-    run = RunDir.create(run_path, overwrite=args.overwrite or cfg.output.overwrite)
-    run.write_text("config.yaml", config_to_yaml(cfg))
+    overwrite = args.overwrite or cfg.output.overwrite
+    resume = not overwrite and latest_checkpoint(run_path / "checkpoints") is not None
+    if args.resume and not resume:
+        raise DistilError(f"--resume: {run_path} has no checkpoint to resume from")
+    if info.is_main:
+        run = RunDir.create(run_path, overwrite=overwrite, resume=resume)
+        if not resume:
+            run.write_text("config.yaml", config_to_yaml(cfg))
+        elif (run.path / "config.yaml").is_file() and (run.path / "config.yaml").read_text() != config_to_yaml(cfg):
+            log.warning("the config differs from the one this run started with (%s)", run.path / "config.yaml")
+    barrier(info)
+    if not info.is_main:
+        run = RunDir(run_path)  # other ranks read checkpoints; only rank 0 writes
     try:
-        result = train(cfg, run=run)
+        result = train(cfg, run=run, resume=resume)
     except DistilError:
         run.close()
-        if not existed and not run.metrics_path.exists():
+        if info.is_main and not existed and not run.metrics_path.exists():
             import shutil
 
-            shutil.rmtree(run.path)  # bad input before the first step: leave nothing behind
+            shutil.rmtree(run.path, ignore_errors=True)  # bad input before the first step: leave nothing behind
         raise
-    report = write_run_report(run, cfg, result)
-    run.mark_complete({"final_val": result.val, "steps": len(result.history), "tokens_per_second": result.tokens_per_second,
-                       "params": result.student.num_parameters()})
-    log.info("done: held-out loss %.4f; run folder %s; report %s", result.val.get("loss", float("nan")), run.path, report)
+    if info.is_main:
+        report = write_run_report(run, cfg, result)
+        run.mark_complete({"final_val": result.val, "steps": result.history[-1]["step"] if result.history else 0,
+                           "tokens_per_second": result.tokens_per_second, "params": result.student.num_parameters()})
+        log.info("done: held-out loss %.4f; run folder %s; report %s", result.val.get("loss", float("nan")), run.path, report)
 
 
 def cmd_eval(args) -> None:

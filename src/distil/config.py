@@ -164,12 +164,25 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 50  # 0 disables periodic validation
     progress: bool = True
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    parallel: str = "ddp"  # ddp | fsdp, under torchrun
+    compile: bool = False  # torch.compile the student (CUDA only; the CPU runs the eager reference)
+    activation_checkpointing: bool = False
+    spike_factor: float = 0.0  # spike guard: roll back when loss > factor x running median (0: off)
+    spike_patience: int = 3  # ... for this many consecutive steps
+    spike_window: int = 50  # steps in the running median
+    spike_lr_factor: float = 0.5  # LR multiplier after each rollback
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "lr", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "lr", "log_every", "spike_patience", "spike_window"):
             _check_positive("train", name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "val_every"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "val_every", "checkpoint_every", "spike_factor",
+                     "keep_checkpoints"):
             _check_positive("train", name, getattr(self, name), allow_zero=True)
+        _check_choice("train", "parallel", self.parallel, ("ddp", "fsdp"))
+        if not 0.0 < self.spike_lr_factor <= 1.0:
+            raise DistilError(f"train.spike_lr_factor = {self.spike_lr_factor!r} must lie in (0, 1]")
         _check_choice("train", "schedule", self.schedule, ("cosine", "wsd", "constant"))
         _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("train", "dtype", self.dtype, ("float32", "bfloat16"))

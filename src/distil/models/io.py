@@ -29,14 +29,19 @@ def _state_dict_for_saving(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_native(model, path: str | Path, *, tokenizer=None, overwrite: bool = True) -> None:
-    """Write config.json + model.safetensors (and the tokenizer, if given) as one atomic directory."""
+def save_file_state(model, folder: Path) -> None:
+    """config.json + model.safetensors into an existing (temporary) folder."""
     from distil.models.transformer import config_dict
 
+    cfg = {"format": NATIVE_FORMAT, **config_dict(model.config)}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(_state_dict_for_saving(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_native(model, path: str | Path, *, tokenizer=None, overwrite: bool = True) -> None:
+    """Write config.json + model.safetensors (and the tokenizer, if given) as one atomic directory."""
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        cfg = {"format": NATIVE_FORMAT, **config_dict(model.config)}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        save_file(_state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file_state(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
@@ -74,7 +79,7 @@ def load_native(path: str | Path, *, dtype: torch.dtype = torch.float32, device=
         model = TransformerLM(cfg)
     model = model.to_empty(device=device)
     model.register_buffer("inv_freq", _rope(cfg).to(device), persistent=False)
-    load_state(model, state, source=str(path))
+    load_state(model, state, source=str(path), assign=True)
     return model.to(dtype)
 
 
@@ -84,8 +89,12 @@ def _rope(cfg):
     return rope_inv_freq(cfg)
 
 
-def load_state(model, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load a state dict strictly (tying lm_head when the config ties it); errors name the file."""
+def load_state(model, state: dict[str, torch.Tensor], *, source: str, assign: bool = False) -> None:
+    """Load a state dict strictly (tying lm_head when the config ties it); errors name the file.
+
+    ``assign=True`` swaps in the loaded tensors (for a model built on the meta device); the default
+    copies into the existing parameters, so an optimizer holding them stays attached.
+    """
     if model.config.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -100,7 +109,7 @@ def load_state(model, state: dict[str, torch.Tensor], *, source: str) -> None:
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k]):
             raise DistilError(f"checkpoint {source}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k])}")
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(state, strict=False, assign=assign)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
 

@@ -33,6 +33,9 @@ from distil.eval.perplexity import evaluate_lm
 from distil.losses import cross_entropy, fused_linear_kd_loss, kd_loss, topk_kd_loss
 from distil.losses.divergences import shared_vocab
 from distil.models.transformer import ModelConfig, TransformerLM
+from distil.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distil.train.distributed import all_reduce_mean, barrier, init_distributed, parallelize
+from distil.train.guard import SpikeGuard
 from distil.train.run_dir import RunDir
 from distil.train.schedule import lr_multiplier
 from distil.train.teacher import Teacher, load_teacher
@@ -88,37 +91,41 @@ def check_vocabularies(tokenizer, student_vocab: int, teacher_vocab: int | None)
     shared_vocab(student_vocab, teacher_vocab)
 
 
-def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg) -> torch.Tensor:
-    """ce_weight * CE + kd_weight * KD for one micro-batch (T^2-scaled when configured)."""
+def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, head=None) -> torch.Tensor:
+    """ce_weight * CE + kd_weight * KD for one micro-batch (T^2-scaled when configured).
+
+    ``student`` may be wrapped (DDP); ``head`` is the plain model's LM head (default: student.lm_head).
+    """
     input_ids, labels = batch["input_ids"], batch["labels"]
     doc_ids = batch.get("attn_doc_ids")
     hidden = student(input_ids, doc_ids=doc_ids, return_hidden=True)  # [batch, seq, d_model]
+    head = head if head is not None else student.lm_head
     kd_weight = loss_cfg.kd_weight * (loss_cfg.temperature**2 if loss_cfg.t2_scale else 1.0)
     if teacher is None or kd_weight == 0:
         if loss_cfg.fused:
-            return fused_linear_kd_loss(hidden, student.lm_head.weight, labels=labels, ce_weight=loss_cfg.ce_weight,
+            return fused_linear_kd_loss(hidden, head.weight, labels=labels, ce_weight=loss_cfg.ce_weight,
                                         kd_weight=0.0, chunk_size=loss_cfg.chunk_size)
-        return loss_cfg.ce_weight * cross_entropy(student.lm_head(hidden), labels)
+        return loss_cfg.ce_weight * cross_entropy(head(hidden), labels)
     common = dict(kind=loss_cfg.kind, temperature=loss_cfg.temperature)
     if loss_cfg.topk:
         # The teacher as a top-k cache would hold it: log-probs at the loss temperature.
         teacher_logits = teacher.logits(input_ids, doc_ids).float()
         logprobs, ids = torch.log_softmax(teacher_logits / loss_cfg.temperature, dim=-1).topk(loss_cfg.topk, dim=-1)
         if loss_cfg.fused:
-            return fused_linear_kd_loss(hidden, student.lm_head.weight, teacher_topk=(ids, logprobs), labels=labels,
+            return fused_linear_kd_loss(hidden, head.weight, teacher_topk=(ids, logprobs), labels=labels,
                                         ce_weight=loss_cfg.ce_weight, kd_weight=kd_weight, tail=loss_cfg.tail,
                                         chunk_size=loss_cfg.chunk_size, **common)
-        logits = student.lm_head(hidden)
+        logits = head(hidden)
         loss = kd_weight * topk_kd_loss(logits, ids, logprobs, tail=loss_cfg.tail, **common)
     else:
-        head = teacher.head_inputs(input_ids, doc_ids) if loss_cfg.fused else None
-        if head is not None:
-            teacher_hidden, teacher_weight, teacher_bias = head
-            return fused_linear_kd_loss(hidden, student.lm_head.weight, teacher_hidden, teacher_weight,
+        teacher_head = teacher.head_inputs(input_ids, doc_ids) if loss_cfg.fused else None
+        if teacher_head is not None:
+            teacher_hidden, teacher_weight, teacher_bias = teacher_head
+            return fused_linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_weight,
                                         teacher_bias=teacher_bias, labels=labels, ce_weight=loss_cfg.ce_weight,
                                         kd_weight=kd_weight, chunk_size=loss_cfg.chunk_size, beta=loss_cfg.beta,
                                         skew=loss_cfg.skew, **common)
-        logits = student.lm_head(hidden)
+        logits = head(hidden)
         teacher_logits = teacher.logits(input_ids, doc_ids)
         loss = kd_weight * kd_loss(logits, teacher_logits, beta=loss_cfg.beta, skew=loss_cfg.skew, **common)
     if loss_cfg.ce_weight:
@@ -126,9 +133,10 @@ def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg) -> tor
     return loss
 
 
-def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=None, data=None):
+def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=None, data=None, info=None):
     """Load or build what the loop needs: (teacher, tokenizer, data)."""
-    device = resolve_device(cfg.train.device)
+    info = info or init_distributed(cfg.train.device)
+    device = info.device
     if teacher is None and cfg.teacher.source == "model":
         teacher = load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)
     docs = None
@@ -168,9 +176,21 @@ def train(
     data: TokenizedData | None = None,
     student: TransformerLM | None = None,
     desc: str = "train",
+    resume: bool = True,
 ) -> TrainResult:
-    device = resolve_device(cfg.train.device)
-    teacher, tokenizer, data = prepare(cfg, run, teacher=teacher, tokenizer=tokenizer, data=data)
+    """Train ``student`` (built from the config when not given). With a run folder: metrics,
+    checkpoints every ``train.checkpoint_every`` steps and at the end, and automatic resumption from
+    the folder's latest checkpoint (``resume=False`` starts over)."""
+    info = init_distributed(cfg.train.device)
+    device = info.device
+    is_main = info.is_main
+    if cfg.train.batch_size % info.world_size:
+        raise DistilError(f"train.batch_size = {cfg.train.batch_size} (the global micro-batch) is not divisible by "
+                          f"the {info.world_size} processes")
+    if cfg.loss.parallel == "vocab":
+        raise DistilError("loss.parallel = 'vocab' needs a tensor-parallel (vocabulary-sharded) LM head, which this "
+                          "trainer does not shard; call distil.losses.parallel.vocab_parallel_kd_loss from TP code")
+    teacher, tokenizer, data = prepare(cfg, run, teacher=teacher, tokenizer=tokenizer, data=data, info=info)
     if cfg.loss.kd_weight == 0:
         teacher = None
     teacher_vocab = teacher.vocab_size if teacher is not None else None
@@ -195,63 +215,133 @@ def train(
 
     optimizer = build_optimizer(student, cfg)
     sampler = WindowSampler(len(data.train_windows), cfg.train.batch_size, seed=cfg.train.seed)
+    guard = SpikeGuard(factor=cfg.train.spike_factor, patience=cfg.train.spike_patience, window=cfg.train.spike_window,
+                       lr_factor=cfg.train.spike_lr_factor)
+    history: list[dict] = []
+    start_step, tokens_seen = 0, 0
+
+    def restore(path) -> None:
+        nonlocal start_step, tokens_seen, history
+        state = load_checkpoint(path, student, optimizer)
+        sampler.load_state_dict(state["sampler"])
+        start_step, tokens_seen, history = state["step"], state["tokens"], state["history"]
+        return state
+
+    latest = latest_checkpoint(run.checkpoints) if run is not None and resume else None
+    if latest is not None:
+        state = restore(latest)
+        guard.load_state_dict(state["guard"])
+        if is_main:
+            log.info("resuming from %s (step %d)", latest, start_step)
+            run.truncate_metrics(start_step)
+
+    model = parallelize(student, cfg.train, info)  # DDP / FSDP2 / compile from outside; a no-op at world size 1
+    local_batch = cfg.train.batch_size // info.world_size
     use_bf16 = cfg.train.dtype == "bfloat16"
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     params = [p for p in student.parameters() if p.requires_grad]
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    if cfg.loss.parallel == "sequence" and info.world_size == 1:
+        log.info("loss.parallel = 'sequence' at world size 1 is the plain loss")
+
+    def checkpoint(step: int) -> None:
+        if run is None:
+            return
+        if is_main:
+            save_checkpoint(run.checkpoints, step, student, optimizer, keep=cfg.train.keep_checkpoints, extra={
+                "step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
+                "history": history})
+        barrier(info)
 
     def validate() -> dict:
-        return evaluate_lm(student, data.val_windows, batch_size=cfg.train.batch_size, max_batches=cfg.eval.val_batches,
+        return evaluate_lm(student, data.val_windows, batch_size=local_batch, max_batches=cfg.eval.val_batches,
                            teacher=teacher, device=device)
 
-    history: list[dict] = []
     val: dict = {}
-    tokens_seen = 0
-    start_time = time.perf_counter()
-    bar = tqdm(total=cfg.train.steps, desc=desc, disable=not cfg.train.progress, dynamic_ncols=True)
-    for step in range(cfg.train.steps):
-        lr = cfg.train.lr * lr_multiplier(step, total_steps=cfg.train.steps, warmup_steps=cfg.train.warmup_steps,
-                                          schedule=cfg.train.schedule, min_ratio=cfg.train.min_lr_ratio,
-                                          decay_fraction=cfg.train.decay_fraction)
+    step = start_step
+    session_start, session_tokens = time.perf_counter(), 0
+    bar = tqdm(total=cfg.train.steps, initial=start_step, desc=desc, disable=not (cfg.train.progress and is_main),
+               dynamic_ncols=True)
+    while step < cfg.train.steps:
+        lr = cfg.train.lr * guard.lr_scale * lr_multiplier(
+            step, total_steps=cfg.train.steps, warmup_steps=cfg.train.warmup_steps, schedule=cfg.train.schedule,
+            min_ratio=cfg.train.min_lr_ratio, decay_fraction=cfg.train.decay_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = 0.0
         for _ in range(cfg.train.grad_accum):
-            batch = batch_tensors(data.train_windows, data.train_doc_ids, sampler.next_batch(), device)
+            # Every rank draws the same global batch and takes its own slice of it.
+            index = sampler.next_batch()[info.rank * local_batch : (info.rank + 1) * local_batch]
+            batch = batch_tensors(data.train_windows, data.train_doc_ids, index, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = compute_loss(student, teacher, batch, cfg.loss)
+                loss = compute_loss(model, teacher, batch, cfg.loss, head=student.lm_head)
             (loss / cfg.train.grad_accum).backward()
             step_loss += loss.item() / cfg.train.grad_accum
+        step_loss = all_reduce_mean(step_loss, info, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        action = guard.check(step_loss, grad_norm)
+        if action == "rollback" and run is not None and latest_checkpoint(run.checkpoints) is not None:
+            optimizer.zero_grad(set_to_none=True)
+            scale, rollbacks = guard.lr_scale, guard.rollbacks
+            state = restore(latest_checkpoint(run.checkpoints))
+            guard.load_state_dict(state["guard"], keep_lr_scale=True)
+            guard.rollbacks = rollbacks
+            if is_main:
+                log.warning("loss %.4g spiked for %d steps: rolled back to step %d, LR scale now %.3g",
+                            step_loss, cfg.train.spike_patience, start_step, scale)
+                run.truncate_metrics(start_step)
+                run.log(step=start_step, tokens=tokens_seen, split="train", name="rollback", value=scale)
+            step = start_step
+            bar.n = step
+            continue
+        if action == "skip":
+            optimizer.zero_grad(set_to_none=True)  # a non-finite step changes nothing
+            if is_main:
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); skipped", step + 1, step_loss,
+                            grad_norm)
+                if run is not None:
+                    run.log(step=step + 1, tokens=tokens_seen, split="train", name="skipped_step", value=1.0)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
         tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - start_time
-        record = {"step": step + 1, "tokens": tokens_seen, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+        session_tokens += tokens_per_step
+        elapsed = time.perf_counter() - session_start
+        record = {"step": step, "tokens": tokens_seen, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
         history.append(record)
-        if run is not None and ((step + 1) % cfg.train.log_every == 0 or step == 0 or step + 1 == cfg.train.steps):
+        if run is not None and is_main and (step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.steps):
             for name in ("loss", "lr", "grad_norm"):
-                run.log(step=step + 1, tokens=tokens_seen, split="train", name=name, value=record[name])
-            run.log(step=step + 1, tokens=tokens_seen, split="train", name="tokens_per_second", value=tokens_seen / elapsed)
-        is_last = step + 1 == cfg.train.steps
-        if (cfg.train.val_every and (step + 1) % cfg.train.val_every == 0) or is_last:
-            val = validate()
-            record.update({f"val_{k}": v for k, v in val.items() if k != "tokens"})
-            if run is not None:
-                for name, value in val.items():
-                    if name != "tokens":
-                        run.log(step=step + 1, tokens=tokens_seen, split="val", name=name, value=value)
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / elapsed:,.0f}", **(
+                run.log(step=step, tokens=tokens_seen, split="train", name=name, value=record[name])
+            run.log(step=step, tokens=tokens_seen, split="train", name="tokens_per_second", value=session_tokens / elapsed)
+        is_last = step == cfg.train.steps
+        if (cfg.train.val_every and step % cfg.train.val_every == 0) or is_last:
+            if is_main:
+                val = validate()
+                record.update({f"val_{k}": v for k, v in val.items() if k != "tokens"})
+                if run is not None:
+                    for name, value in val.items():
+                        if name != "tokens":
+                            run.log(step=step, tokens=tokens_seen, split="val", name=name, value=value)
+            barrier(info)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not is_last:
+            checkpoint(step)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{session_tokens / elapsed:,.0f}", **(
             {"val": f"{val['loss']:.3f}"} if val else {}))
         bar.update(1)
     bar.close()
-    seconds = time.perf_counter() - start_time
+    if not val and is_main:  # resumed at the last step: nothing trained this session, still report
+        val = validate()
+    seconds = time.perf_counter() - session_start
     result = TrainResult(student=student, tokenizer=tokenizer, history=history, val=val,
-                         tokens_per_second=tokens_seen / seconds, seconds=seconds)
+                         tokens_per_second=session_tokens / seconds if seconds > 0 else 0.0, seconds=seconds)
     if run is not None:
-        from distil.models.io import save_native
+        checkpoint(cfg.train.steps)
+        if is_main:
+            from distil.models.io import save_native
 
-        save_native(student, run.checkpoints / "final", tokenizer=tokenizer)
+            save_native(student, run.checkpoints / "final", tokenizer=tokenizer)
+        barrier(info)
     return result
 
 

@@ -62,6 +62,14 @@ class RunDir:
             self._metrics_file.close()
             self._metrics_file = None
 
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records after ``step`` (a resumed or rolled-back run repeats those steps)."""
+        self.close()
+        if not self.metrics_path.is_file():
+            return
+        kept = [json.dumps(r) for r in read_metrics(self.metrics_path) if r["step"] <= step]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
     def write_text(self, relative: str, text: str) -> Path:
         target = self.path / relative
         atomic_write_text(target, text)

@@ -1,0 +1,163 @@
+"""The training engine: exact resume after SIGKILL, 2 processes = 1 process, the spike guard."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from distil.models import ModelConfig, TransformerLM
+from distil.train.guard import SpikeGuard
+from distil.train.run_dir import read_metrics
+
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def _setup(tmp_path, tokenizer, corpus, **train):
+    torch.manual_seed(0)
+    teacher = TransformerLM(ModelConfig(vocab_size=len(tokenizer), d_model=48, n_layers=2, n_heads=2))
+    teacher.save(tmp_path / "teacher")
+    tokenizer.save_pretrained(str(tmp_path / "teacher"))
+    cfg = {
+        "teacher": {"source": "model", "path": str(tmp_path / "teacher")},
+        "student": {"d_model": 96, "n_layers": 2, "n_heads": 2},
+        "data": {"source": "jsonl", "path": str(corpus), "seq_len": 48, "val_fraction": 0.2},
+        "loss": {"kind": "forward_kl", "kd_weight": 1.0, "ce_weight": 0.2},
+        "train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 3, "log_every": 1, "val_every": 0,
+                  "checkpoint_every": 4, "progress": False, "device": "cpu", **train},
+        "eval": {"val_batches": 1},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(run) -> dict[int, float]:
+    return {r["step"]: r["value"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train" and r["name"] == "loss"}
+
+
+def _train(cfg, run, *extra):
+    return subprocess.run([sys.executable, "-m", "distil", "train", str(cfg), "--run-dir", str(run), *extra],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+@pytest.mark.parametrize("kill_after_step", [6, 17])
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_tokenizer, tiny_corpus_file, kill_after_step):
+    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file)
+    whole = tmp_path / "whole"
+    assert _train(cfg, whole).returncode == 0
+    reference = _losses(whole)
+    assert sorted(reference) == list(range(1, 41))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "distil", "train", str(cfg), "--run-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if max(_losses(killed) or {0: 0}) >= kill_after_step:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+
+    resumed = _train(cfg, killed)  # the folder has a checkpoint: training resumes by itself
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert _losses(killed) == reference  # bit-for-bit, every step
+    assert (killed / "summary.json").exists()
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_00000036", "step_00000040"]  # keep_checkpoints = 2
+
+
+def test_two_processes_train_like_one(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=6, checkpoint_every=0)
+    single = tmp_path / "single"
+    assert _train(cfg, single).returncode == 0
+    double = tmp_path / "double"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "distil", "train", str(cfg), "--run-dir", str(double)],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _losses(single), _losses(double)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    # Only rank 0 writes metrics: the same number of records as one process.
+    assert len(read_metrics(double / "metrics.jsonl")) == len(read_metrics(single / "metrics.jsonl"))
+    from distil.models import load
+
+    sa, sb = load(single / "checkpoints" / "final").state_dict(), load(double / "checkpoints" / "final").state_dict()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=1e-5, rtol=1e-4)
+
+
+def test_spike_guard_logic():
+    guard = SpikeGuard(factor=3.0, patience=2, window=5, min_history=3)
+    assert [guard.check(x, 1.0) for x in (2.0, 2.1, 1.9)] == ["ok"] * 3
+    assert guard.check(math.nan, 1.0) == "skip" and guard.check(1.0, math.inf) == "skip"
+    assert guard.check(10.0, 1.0) == "ok"  # one spike is tolerated
+    assert guard.check(2.0, 1.0) == "ok"  # and forgotten
+    assert guard.check(10.0, 1.0) == "ok"
+    assert guard.check(11.0, 1.0) == "rollback"  # two in a row
+    assert guard.lr_scale == 0.5 and guard.rollbacks == 1 and guard.skipped == 2
+    again = SpikeGuard(factor=3.0, patience=2, window=5, min_history=3)
+    again.load_state_dict(guard.state_dict())
+    assert again.state_dict() == guard.state_dict()
+
+
+def test_guard_skips_non_finite_steps_and_rolls_back_spikes(tmp_path, tiny_tokenizer, tiny_corpus_file, monkeypatch):
+    from distil.config import load_config
+    from distil.train import loop
+    from distil.train.run_dir import RunDir
+
+    cfg_path = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=14, checkpoint_every=4, spike_factor=3.0,
+                      spike_patience=2, spike_window=20)
+    cfg = load_config(cfg_path)
+    calls = {"n": 0}
+    real = loop.compute_loss
+
+    def faulty(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        if calls["n"] == 3:
+            return loss * math.nan  # step 3 is non-finite
+        if calls["n"] in (10, 11):
+            return loss * 100.0  # steps 9 and 10 spike (the skipped step made one extra call)
+        return loss
+
+    monkeypatch.setattr(loop, "compute_loss", faulty)
+    run = RunDir.create(tmp_path / "guarded")
+    result = loop.train(cfg, run=run)
+    records = read_metrics(run.metrics_path)
+    assert any(r["name"] == "skipped_step" and r["step"] == 3 for r in records)
+    rollbacks = [r for r in records if r["name"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["step"] == 8 and rollbacks[0]["value"] == 0.5
+    assert [h["step"] for h in result.history] == list(range(1, 15))
+    assert math.isnan(result.history[2]["loss"])  # step 3 is recorded as the skipped step it was
+    others = [h["loss"] for h in result.history if h["step"] != 3]
+    assert all(math.isfinite(x) and x < 50 for x in others)  # the spiking steps were rolled back and redone
+    # After the rollback the schedule runs at half the learning rate.
+    assert result.history[-1]["lr"] == pytest.approx(0.5 * cfg.train.lr * loop.lr_multiplier(
+        13, total_steps=14, warmup_steps=3, schedule="cosine", min_ratio=0.1))
+
+
+def test_existing_run_without_checkpoint_is_refused_but_one_with_a_checkpoint_resumes(tmp_path, tiny_tokenizer,
+                                                                                      tiny_corpus_file):
+    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=4, checkpoint_every=2)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    out = _train(cfg, tmp_path / "other")
+    assert out.returncode == 2 and "already exists" in out.stderr
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert _train(cfg, tmp_path / "r").returncode == 0
+    again = _train(cfg, tmp_path / "r")  # complete: resumes at the last step and finishes at once
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 4
