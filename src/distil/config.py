@@ -88,7 +88,10 @@ class DataConfig:
     text_field: str = "text"  # the JSONL field holding each document
     tokenizer: str | None = None  # a tokenizer dir or hub id; None: the teacher's, else a BPE trained here
     vocab_size: int = 4096  # size of the BPE trained when there is no tokenizer
-    seq_len: int = 256
+    seq_len: int = 256  # window length (concat) or chunk length (stream)
+    packing: str = "concat"  # concat | stream
+    document_attention: bool = False  # concat: attention does not cross document boundaries
+    stream_kv_window: int | None = 4096  # stream: attention keys carried across chunks (null: the whole document)
     val_fraction: float = 0.05  # share of documents held out for validation
     max_docs: int | None = None
     seed: int = 0
@@ -98,6 +101,8 @@ class DataConfig:
         if self.source != "embedded" and not self.path:
             raise DistilError(f"data.path is required when data.source is {self.source!r}")
         _check_positive("data", "seq_len", self.seq_len)
+        _check_choice("data", "packing", self.packing, ("concat", "stream"))
+        _check_positive("data", "stream_kv_window", self.stream_kv_window)
         _check_positive("data", "vocab_size", self.vocab_size)
         _check_positive("data", "max_docs", self.max_docs)
         if not 0.0 < self.val_fraction < 1.0:

@@ -24,6 +24,7 @@ class TokenizedData:
     val_doc_ids: np.ndarray
     train_docs: list[str]
     val_docs: list[str]
+    train_token_docs: list | None = None  # per-document token arrays, for stream packing
 
     @property
     def num_train_tokens(self) -> int:
@@ -37,6 +38,7 @@ def split_corpus(data_cfg) -> tuple[list[str], list[str]]:
 
 def build_data(data_cfg, tokenizer, *, docs: tuple[list[str], list[str]] | None = None) -> TokenizedData:
     train_docs, val_docs = docs if docs is not None else split_corpus(data_cfg)
-    train_windows, train_doc_ids = concat_windows(tokenize_documents(tokenizer, train_docs), data_cfg.seq_len)
+    train_tokens = tokenize_documents(tokenizer, train_docs)
+    train_windows, train_doc_ids = concat_windows(train_tokens, data_cfg.seq_len)
     val_windows, val_doc_ids = concat_windows(tokenize_documents(tokenizer, val_docs), data_cfg.seq_len)
-    return TokenizedData(train_windows, train_doc_ids, val_windows, val_doc_ids, train_docs, val_docs)
+    return TokenizedData(train_windows, train_doc_ids, val_windows, val_doc_ids, train_docs, val_docs, train_tokens)

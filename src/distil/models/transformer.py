@@ -144,19 +144,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, *, doc_ids=None, state=None):
+        """``state`` is (k, v) or (k, v, valid) where valid [batch] counts the cached keys each row may
+        still see (streamed rows that started a new document see none of the previous one's)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
+        past, valid = 0, None
         if state is not None:
             past = state[0].shape[2]
+            valid = state[2] if len(state) > 2 else None
             k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
-        new_state = (k, v)
+        new_state = (k, v) if valid is None else (k, v, valid + seq)
         mask = None
         if past or doc_ids is not None or self.sliding_window is not None:
             mask = attention_mask(seq, past, x.device, doc_ids=doc_ids, window=self.sliding_window)
+            if valid is not None:  # [batch, 1, 1, past + seq]: hide keys from a row's previous document
+                key_ok = torch.arange(past + seq, device=x.device)[None, :] >= (past - valid)[:, None]
+                mask = mask & key_ok[:, None, None, :]
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

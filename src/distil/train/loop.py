@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 
 from distil.config import Config
 from distil.data.dataset import TokenizedData, build_data, split_corpus
-from distil.data.packing import WindowSampler, batch_tensors
+from distil.data.packing import StreamBatcher, WindowSampler, batch_tensors, stream_tensors
 from distil.data.tokenize import has_tokenizer, load_tokenizer, train_bpe_tokenizer
 from distil.errors import DistilError
 from distil.eval.perplexity import evaluate_lm
 from distil.losses import cross_entropy, fused_linear_kd_loss, kd_loss, topk_kd_loss
 from distil.losses.divergences import shared_vocab
+from distil.models.state import carry, empty_states
 from distil.models.transformer import ModelConfig, TransformerLM
 from distil.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distil.train.distributed import all_reduce_mean, barrier, init_distributed, parallelize
@@ -91,25 +92,39 @@ def check_vocabularies(tokenizer, student_vocab: int, teacher_vocab: int | None)
     shared_vocab(student_vocab, teacher_vocab)
 
 
-def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, head=None) -> torch.Tensor:
+def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, head=None, stream: dict | None = None):
     """ce_weight * CE + kd_weight * KD for one micro-batch (T^2-scaled when configured).
 
     ``student`` may be wrapped (DDP); ``head`` is the plain model's LM head (default: student.lm_head).
+    With ``stream`` (stream packing) the student's and a native teacher's states are read from and
+    written back to that dict, and the batch carries per-token ``positions``; labels of -100 (padding)
+    count in neither term.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     doc_ids = batch.get("attn_doc_ids")
-    hidden = student(input_ids, doc_ids=doc_ids, return_hidden=True)  # [batch, seq, d_model]
+    positions = batch.get("positions")
+    if stream is not None:
+        hidden, stream["student"] = student(input_ids, positions=positions, states=stream["student"],
+                                            return_states=True, return_hidden=True)
+    else:
+        hidden = student(input_ids, doc_ids=doc_ids, positions=positions, return_hidden=True)  # [batch, seq, d_model]
     head = head if head is not None else student.lm_head
+    mask = labels != -100 if stream is not None else None
+    if teacher is not None and stream is not None and teacher.native:
+        with torch.no_grad():
+            teacher_hidden, stream["teacher"] = teacher.model(input_ids, positions=positions, states=stream["teacher"],
+                                                              return_states=True, return_hidden=True)
+        teacher = _FixedTeacher(teacher_hidden, teacher.model.lm_head.weight)
     kd_weight = loss_cfg.kd_weight * (loss_cfg.temperature**2 if loss_cfg.t2_scale else 1.0)
     if teacher is None or kd_weight == 0:
         if loss_cfg.fused:
             return fused_linear_kd_loss(hidden, head.weight, labels=labels, ce_weight=loss_cfg.ce_weight,
-                                        kd_weight=0.0, chunk_size=loss_cfg.chunk_size)
+                                        kd_weight=0.0, chunk_size=loss_cfg.chunk_size, mask=mask)
         return loss_cfg.ce_weight * cross_entropy(head(hidden), labels)
-    common = dict(kind=loss_cfg.kind, temperature=loss_cfg.temperature)
+    common = dict(kind=loss_cfg.kind, temperature=loss_cfg.temperature, mask=mask)
     if loss_cfg.topk:
         # The teacher as a top-k cache would hold it: log-probs at the loss temperature.
-        teacher_logits = teacher.logits(input_ids, doc_ids).float()
+        teacher_logits = teacher.logits(input_ids, doc_ids, positions).float()
         logprobs, ids = torch.log_softmax(teacher_logits / loss_cfg.temperature, dim=-1).topk(loss_cfg.topk, dim=-1)
         if loss_cfg.fused:
             return fused_linear_kd_loss(hidden, head.weight, teacher_topk=(ids, logprobs), labels=labels,
@@ -118,7 +133,7 @@ def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, hea
         logits = head(hidden)
         loss = kd_weight * topk_kd_loss(logits, ids, logprobs, tail=loss_cfg.tail, **common)
     else:
-        teacher_head = teacher.head_inputs(input_ids, doc_ids) if loss_cfg.fused else None
+        teacher_head = teacher.head_inputs(input_ids, doc_ids, positions) if loss_cfg.fused else None
         if teacher_head is not None:
             teacher_hidden, teacher_weight, teacher_bias = teacher_head
             return fused_linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_weight,
@@ -126,11 +141,26 @@ def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, hea
                                         kd_weight=kd_weight, chunk_size=loss_cfg.chunk_size, beta=loss_cfg.beta,
                                         skew=loss_cfg.skew, **common)
         logits = head(hidden)
-        teacher_logits = teacher.logits(input_ids, doc_ids)
+        teacher_logits = teacher.logits(input_ids, doc_ids, positions)
         loss = kd_weight * kd_loss(logits, teacher_logits, beta=loss_cfg.beta, skew=loss_cfg.skew, **common)
     if loss_cfg.ce_weight:
         loss = loss + loss_cfg.ce_weight * cross_entropy(logits, labels)
     return loss
+
+
+class _FixedTeacher:
+    """A teacher whose outputs for this micro-batch are already computed (stream packing)."""
+
+    native = True
+
+    def __init__(self, hidden, weight):
+        self.hidden, self.weight = hidden, weight
+
+    def head_inputs(self, *args):
+        return self.hidden, self.weight, None
+
+    def logits(self, *args):
+        return self.hidden @ self.weight.t()
 
 
 def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=None, data=None, info=None):
@@ -214,7 +244,15 @@ def train(
         teacher.to(device)
 
     optimizer = build_optimizer(student, cfg)
-    sampler = WindowSampler(len(data.train_windows), cfg.train.batch_size, seed=cfg.train.seed)
+    local_batch = cfg.train.batch_size // info.world_size
+    streaming = cfg.data.packing == "stream"
+    if streaming:
+        # Each rank walks its own share of the documents; a row's state flows across its chunks.
+        sampler = StreamBatcher(data.train_token_docs[info.rank :: info.world_size], local_batch, cfg.data.seq_len,
+                                seed=cfg.train.seed, pad_id=tokenizer.eos_token_id or 0)
+    else:
+        sampler = WindowSampler(len(data.train_windows), cfg.train.batch_size, seed=cfg.train.seed)
+    stream: dict | None = {"student": None, "teacher": None} if streaming else None
     guard = SpikeGuard(factor=cfg.train.spike_factor, patience=cfg.train.spike_patience, window=cfg.train.spike_window,
                        lr_factor=cfg.train.spike_lr_factor)
     history: list[dict] = []
@@ -225,6 +263,8 @@ def train(
         state = load_checkpoint(path, student, optimizer)
         sampler.load_state_dict(state["sampler"])
         start_step, tokens_seen, history = state["step"], state["tokens"], state["history"]
+        if streaming:
+            stream.update(state["stream"])
         return state
 
     latest = latest_checkpoint(run.checkpoints) if run is not None and resume else None
@@ -236,7 +276,6 @@ def train(
             run.truncate_metrics(start_step)
 
     model = parallelize(student, cfg.train, info)  # DDP / FSDP2 / compile from outside; a no-op at world size 1
-    local_batch = cfg.train.batch_size // info.world_size
     use_bf16 = cfg.train.dtype == "bfloat16"
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     params = [p for p in student.parameters() if p.requires_grad]
@@ -250,7 +289,7 @@ def train(
         if is_main:
             save_checkpoint(run.checkpoints, step, student, optimizer, keep=cfg.train.keep_checkpoints, extra={
                 "step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
-                "history": history})
+                "history": history, "stream": stream})
         barrier(info)
 
     def validate() -> dict:
@@ -270,11 +309,16 @@ def train(
             group["lr"] = lr
         step_loss = 0.0
         for _ in range(cfg.train.grad_accum):
-            # Every rank draws the same global batch and takes its own slice of it.
-            index = sampler.next_batch()[info.rank * local_batch : (info.rank + 1) * local_batch]
-            batch = batch_tensors(data.train_windows, data.train_doc_ids, index, device)
+            if streaming:
+                batch = stream_tensors(sampler.next_batch(), device)
+                _carry_stream(stream, student, teacher, batch["reset"], cfg.data.stream_kv_window)
+            else:
+                # Every rank draws the same global batch and takes its own slice of it.
+                index = sampler.next_batch()[info.rank * local_batch : (info.rank + 1) * local_batch]
+                batch = batch_tensors(data.train_windows, data.train_doc_ids, index, device,
+                                      document_attention=cfg.data.document_attention)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = compute_loss(model, teacher, batch, cfg.loss, head=student.lm_head)
+                loss = compute_loss(model, teacher, batch, cfg.loss, head=student.lm_head, stream=stream)
             (loss / cfg.train.grad_accum).backward()
             step_loss += loss.item() / cfg.train.grad_accum
         step_loss = all_reduce_mean(step_loss, info, device)
@@ -343,6 +387,18 @@ def train(
             save_native(student, run.checkpoints / "final", tokenizer=tokenizer)
         barrier(info)
     return result
+
+
+def _carry_stream(stream: dict, student, teacher, reset: torch.Tensor, kv_window: int | None) -> None:
+    """Detach the carried states, zero the rows that start a new document, bound the KV."""
+    batch = reset.shape[0]
+    if stream["student"] is None:
+        stream["student"] = empty_states(student, batch)
+    stream["student"] = carry(stream["student"], reset=reset, kv_window=kv_window)
+    if teacher is not None and teacher.native:
+        if stream["teacher"] is None:
+            stream["teacher"] = empty_states(teacher.model, batch)
+        stream["teacher"] = carry(stream["teacher"], reset=reset, kv_window=kv_window)
 
 
 def history_losses(history: list[dict]) -> np.ndarray:

@@ -40,18 +40,24 @@ class Teacher:
         return self
 
     @torch.no_grad()
-    def head_inputs(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None):
+    def head_inputs(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, positions=None):
         """(hidden [batch, seq, H], head weight [V, H], head bias or None), or None if unavailable."""
         if not self.native:
             return None
-        hidden = self.model(input_ids, doc_ids=doc_ids, return_hidden=True)
+        hidden = self.model(input_ids, doc_ids=doc_ids, positions=positions, return_hidden=True)
         return hidden, self.model.lm_head.weight, None
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, positions=None) -> torch.Tensor:
         if self.native:
-            return self.model(input_ids, doc_ids=doc_ids)
-        return self.model(input_ids=input_ids).logits
+            return self.model(input_ids, doc_ids=doc_ids, positions=positions)
+        if doc_ids is not None:
+            # transformers models take a 4-D mask; attention inside documents only, causal.
+            seq = input_ids.shape[1]
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
+            mask = causal[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+            return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+        return self.model(input_ids=input_ids, position_ids=positions).logits
 
 
 def load_teacher(path: str | Path, *, dtype: str = "float32", device="cpu") -> Teacher:

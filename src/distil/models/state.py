@@ -1,0 +1,57 @@
+"""Inference/streaming state of a TransformerLM: per layer, attention KV or an SSM state.
+
+    states = empty_states(model, batch)             # nothing cached, every row fresh
+    logits, states = model(chunk, positions=pos, states=states, return_states=True)
+    states = carry(states, reset=row_starts_new_doc, kv_window=4096)   # detach, reset rows, trim KV
+
+Used by ``stream`` packing (truncated backpropagation through time): each batch row walks through
+one document chunk by chunk; state flows from chunk to chunk without gradients, and is zeroed for
+a row the moment it starts a new document.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distil.models.ssm import SSMState
+
+
+def empty_states(model, batch: int, device=None) -> list:
+    """Per-layer states with nothing cached (KV of length 0 with a per-row valid count)."""
+    device = device or next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cfg = model.config
+    states = []
+    for layer in model.layers:
+        if layer.kind == "A":
+            empty = torch.zeros(batch, cfg.n_kv_heads, 0, cfg.head_dim, device=device, dtype=dtype)
+            states.append((empty, empty.clone(), torch.zeros(batch, dtype=torch.long, device=device)))
+        else:
+            states.append(layer.mamba.empty_state(batch, device=device, dtype=dtype))
+    return states
+
+
+def carry(states: list, *, reset: torch.Tensor | None = None, kv_window: int | None = None) -> list:
+    """Detach every state; zero the rows in ``reset`` [batch] (bool); keep at most ``kv_window`` keys."""
+    out = []
+    for state in states:
+        if isinstance(state, SSMState):
+            conv, ssm = state.conv.detach(), state.ssm.detach()
+            if reset is not None:
+                keep = (~reset).to(conv.dtype)
+                conv = conv * keep[:, None, None]
+                ssm = ssm * (~reset).to(ssm.dtype)[:, None, None, None]
+            out.append(SSMState(conv, ssm))
+        else:
+            k, v, valid = state[0].detach(), state[1].detach(), state[2]
+            if reset is not None:
+                valid = torch.where(reset, torch.zeros_like(valid), valid)
+            if kv_window is not None and k.shape[2] > kv_window:
+                k, v = k[:, :, -kv_window:], v[:, :, -kv_window:]
+            valid = valid.clamp_max(k.shape[2])
+            # Keys no row can see any more need not be kept.
+            longest = int(valid.max().item()) if valid.numel() else 0
+            if longest < k.shape[2]:
+                k, v = k[:, :, k.shape[2] - longest :], v[:, :, v.shape[2] - longest :]
+            out.append((k, v, valid))
+    return out
