@@ -323,7 +323,9 @@ class TransformerLM(nn.Module):
 
 
 def config_dict(cfg: ModelConfig) -> dict:
-    return asdict(cfg)
+    # Unset fields are left out: transformers' AutoTokenizer reads this file too and warns about a
+    # `rope_scaling` key even when it is null. Loading fills the defaults back in.
+    return {k: v for k, v in asdict(cfg).items() if v is not None}
 
 
 def config_from_json(path: Path) -> ModelConfig:
