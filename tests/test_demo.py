@@ -17,7 +17,8 @@ def test_demo_pipeline_writes_an_honest_report(tmp_path):
         assert f"| {label} |" in report
     assert "## 50% hybrid" in report and "MIL (from attention)" in report
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["hybrids"]["mil"]["kl_before"] < summary["hybrids"]["random"]["kl_before"]
+    for init in ("mil", "random"):
+        assert {"kl_before", "kl_after", "val_loss", "decode_tokens_per_second"} <= set(summary["hybrids"][init])
     for plot in ("val_loss.png", "train_loss_ce.png", "train_loss_kd.png"):
         assert (tmp_path / "demo" / "plots" / plot).stat().st_size > 1000
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["complete"] is True

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory if the model directory has none")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--run", help="run folder whose metrics.jsonl gets the results")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs distil[eval])")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task")
     _add_common(p)
 
     p = sub.add_parser(
@@ -136,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "report",
+        help="compare runs: loss curves (linear and log), eval curves with reference lines, a summary table",
+        description="Overlay the train and validation loss curves of several runs, plot evaluation accuracy over "
+        "steps with reference lines, and tabulate final validation loss, perplexity, accuracy, KL to the teacher, "
+        "tokens/s and parameter counts. RUN is a run folder, or a text log of 'index label value' lines. Writes "
+        "report.md, PNG plots and a self-contained report.html into --out.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or 'index label value' logs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--chance", type=float, default=0.25, help="random-chance accuracy line (default 0.25; <0: none)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=VALUE",
+                   help="a baseline model's score as a reference line, e.g. 'GPT-2 124M=0.2955' (repeatable)")
+    p.add_argument("--smooth", type=int, default=1, help="moving-average window for training loss (default 1)")
     _add_common(p)
 
     p = sub.add_parser("info", help="versions, device and which optional kernels are available",
@@ -321,6 +340,23 @@ def cmd_generate(args) -> None:
     print(args.prompt + text)
 
 
+def cmd_report(args) -> None:
+    from distil.report import write_comparison_report
+
+    baselines = {}
+    for item in args.baseline:
+        name, sep, value = item.rpartition("=")
+        try:
+            baselines[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise DistilError(f"--baseline {item!r} should look like NAME=VALUE, e.g. 'GPT-2 124M=0.2955'")
+    path = write_comparison_report(args.runs, args.out, chance=None if args.chance < 0 else args.chance,
+                                   baselines=baselines, smooth_window=args.smooth)
+    log.info("report written: %s (and report.html)", path)
+
+
 def cmd_info(args) -> None:
     from distil.kernels import describe_environment
 
@@ -329,4 +365,4 @@ def cmd_info(args) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "hybridize": cmd_hybridize,
-            "generate": cmd_generate, "info": cmd_info}
+            "generate": cmd_generate, "report": cmd_report, "info": cmd_info}

@@ -85,3 +85,138 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 def format_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+# ---------------------------------------------------------------------------------------------
+# `distil report`: compare runs
+
+
+def read_run_series(path: str | Path) -> dict:
+    """A run's curves and summary, from a run folder (metrics.jsonl, summary.json) or from a text
+    log of ``index label value`` lines (the format of the source notebook: label train / val / hella)."""
+    import json
+
+    from distil.errors import DistilError
+    from distil.train.run_dir import read_metrics
+
+    path = Path(path)
+    series: dict[str, list[tuple[float, float]]] = {}
+    summary: dict = {}
+    if path.is_dir():
+        records = read_metrics(path / "metrics.jsonl")
+        if not records:
+            raise DistilError(f"run folder {path} has no metrics.jsonl records")
+        for r in records:
+            if r["step"] < 0:
+                summary[r["name"]] = r["value"]  # `distil eval --run` results
+                continue
+            key = "train" if (r["split"], r["name"]) == ("train", "loss") else f"{r['split']}/{r['name']}"
+            if r["split"] == "val" and r["name"] == "loss":
+                key = "val"
+            series.setdefault(key, []).append((r["step"], r["value"]))
+        if (path / "summary.json").is_file():
+            summary.update(json.loads((path / "summary.json").read_text()))
+        name = path.name
+    elif path.is_file():
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 3:
+                raise DistilError(f"{path}:{line_no}: expected 'index label value', got {line!r}")
+            try:
+                series.setdefault(parts[1], []).append((float(parts[0]), float(parts[2])))
+            except ValueError as e:
+                raise DistilError(f"{path}:{line_no}: index and value must be numbers: {line!r}") from e
+        name = path.stem
+    else:
+        raise DistilError(f"run not found: {path}")
+    return {"name": name, "series": {k: sorted(v) for k, v in series.items()}, "summary": summary}
+
+
+def _summary_row(run: dict) -> list:
+    s, series = run["summary"], run["series"]
+    final = s.get("final_val") or {}
+
+    def last(key):
+        return series[key][-1][1] if series.get(key) else None
+
+    val_loss = final.get("loss", last("val"))
+    ppl = final.get("ppl", last("val/ppl"))
+    kl = final.get("kl_to_teacher", last("val/kl_to_teacher"))
+    acc = s.get("multiple_choice/acc", last("hella") or last("eval/acc"))
+    acc_norm = s.get("multiple_choice/acc_norm", last("eval/acc_norm"))
+    tps = s.get("tokens_per_second", last("train/tokens_per_second"))
+    params = s.get("params")
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    return [run["name"], fmt(val_loss, ".4f"), fmt(ppl, ".2f"), fmt(acc, ".4f"), fmt(acc_norm, ".4f"), fmt(kl, ".4f"),
+            fmt(tps, ",.0f"), "-" if params is None else format_params(int(params))]
+
+
+def write_comparison_report(runs: list[str], out: str | Path, *, chance: float | None = 0.25,
+                            baselines: dict[str, float] | None = None, smooth_window: int = 1) -> Path:
+    """report.md, PNG plots and a self-contained report.html comparing ``runs``."""
+    import base64
+    import html
+
+    out = Path(out)
+    loaded = [read_run_series(r) for r in runs]
+    plots = []
+
+    def plot(key_filter, filename, title, ylabel, *, logy=False, refs=None):
+        series = {}
+        for run in loaded:
+            for key, points in run["series"].items():
+                if key_filter(key):
+                    label = run["name"] if key in ("train", "val") else f"{run['name']} {key}"
+                    ys = smooth([y for _, y in points], smooth_window) if key == "train" else [y for _, y in points]
+                    series[label] = list(zip([x for x, _ in points], ys))
+        if series:
+            plot_curves(series, out / filename, title=title, ylabel=ylabel, logy=logy, hlines=refs,
+                        markers=not key_filter("train"))
+            plots.append((title, filename))
+
+    plot(lambda k: k == "train", "train_loss.png", "Training loss", "loss")
+    plot(lambda k: k == "train", "train_loss_log.png", "Training loss (log scale)", "loss", logy=True)
+    plot(lambda k: k == "val", "val_loss.png", "Validation loss", "loss")
+    plot(lambda k: k == "val", "val_loss_log.png", "Validation loss (log scale)", "loss", logy=True)
+    refs = {}
+    if chance is not None:
+        refs[f"random chance ({chance:g})"] = chance
+    for name, value in (baselines or {}).items():
+        refs[f"{name} ({value:g})"] = value
+    eval_keys = lambda k: k in ("hella", "eval/acc", "eval/acc_norm") or k.startswith(("val/mc_", "mc"))  # noqa: E731
+    plot(eval_keys, "eval_accuracy.png", "Evaluation accuracy over steps", "accuracy", refs=refs)
+    plot(lambda k: k in ("val/kl_to_teacher",), "kl_to_teacher.png", "KL to the teacher (held out)", "KL")
+
+    header = ["run", "final val loss", "ppl", "acc", "acc_norm", "KL to teacher", "tokens/s", "params"]
+    rows = [_summary_row(r) for r in loaded]
+    md = ["# Run comparison", "", markdown_table(header, rows), ""]
+    md += [f"![{title}]({filename})" for title, filename in plots]
+    md += ["", f"Runs: {', '.join(str(r) for r in runs)}.", ""]
+    atomic_write_text_path(out / "report.md", "\n".join(md))
+
+    def img(filename):
+        data = base64.b64encode((out / filename).read_bytes()).decode()
+        return f'<img alt="{html.escape(filename)}" src="data:image/png;base64,{data}">'
+
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    figures = "".join(f"<figure>{img(f)}<figcaption>{html.escape(t)}</figcaption></figure>" for t, f in plots)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>distil run comparison</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}
+img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head>
+<body><h1>Run comparison</h1>{table}{figures}</body></html>
+"""
+    atomic_write_text_path(out / "report.html", page)
+    return out / "report.md"
+
+
+def atomic_write_text_path(path: Path, text: str) -> None:
+    from distil.fsutil import atomic_write_text
+
+    atomic_write_text(path, text)

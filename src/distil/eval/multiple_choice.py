@@ -96,8 +96,9 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, pairs, *, batch_size: int = 16, max_len: int = 2048, device="cpu",
-                          logits_fn=None, progress: bool = False) -> list[tuple[float, int]]:
-    """(summed log-prob, number of tokens) of each continuation given its context."""
+                          logits_fn=None, progress: bool = False, return_greedy: bool = False) -> list[tuple]:
+    """(summed log-prob, number of tokens) of each continuation given its context; with
+    ``return_greedy`` also whether every continuation token is the model's argmax (lm-eval's is_greedy)."""
     logits_fn = logits_fn or (lambda ids: model(ids))
     encoded = [_encode_pair(tokenizer, c, x) for c, x in pairs]
     results: list[tuple[float, int]] = []
@@ -117,7 +118,12 @@ def continuation_logprobs(model, tokenizer, pairs, *, batch_size: int = 16, max_
             end = len(ids) - 1
             positions = torch.arange(end - num_cont, end)
             targets = torch.tensor(ids[end - num_cont + 1 : end + 1])
-            results.append((logprobs[row, positions, targets].sum().item(), num_cont))
+            total = logprobs[row, positions, targets].sum().item()
+            if return_greedy:
+                greedy = bool((logprobs[row, positions].argmax(-1) == targets).all())
+                results.append((total, num_cont, greedy))
+            else:
+                results.append((total, num_cont))
     return results
 
 

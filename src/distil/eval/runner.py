@@ -16,8 +16,8 @@ def run_eval(args) -> dict:
     from distil.models import load
     from distil.train.run_dir import RunDir
 
-    if not args.data and not args.mc:
-        raise DistilError("nothing to evaluate: give --data (loss/perplexity) and/or --mc (multiple choice)")
+    if not args.data and not args.mc and not args.lm_eval:
+        raise DistilError("nothing to evaluate: give --data (loss/perplexity), --mc (multiple choice) or --lm-eval TASKS")
     model = load(args.model).eval()
     tokenizer_path = args.tokenizer or args.model
     if not has_tokenizer(tokenizer_path):
@@ -41,6 +41,14 @@ def run_eval(args) -> dict:
         items = load_items(args.mc)
         result["multiple_choice"] = score_multiple_choice(model, tokenizer, items, num_fewshot=args.num_fewshot,
                                                           batch_size=args.batch_size, progress=True)
+    if args.lm_eval:
+        from distil.eval.lm_eval_adapter import run_lm_eval
+
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        raw = run_lm_eval(args.model, tasks, num_fewshot=args.num_fewshot or None, include_path=args.lm_eval_include,
+                          limit=args.limit, batch_size=args.batch_size)
+        result["lm_eval"] = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                             for task, metrics in raw.items()}
     if args.run:
         run = RunDir(args.run)
         if not run.path.is_dir():
@@ -49,5 +57,8 @@ def run_eval(args) -> dict:
             for name, value in result.get(group, {}).items():
                 if isinstance(value, (int, float)):
                     run.log(step=-1, tokens=0, split="eval", name=f"{group}/{name}", value=value)
+        for task, metrics in result.get("lm_eval", {}).items():
+            for name, value in metrics.items():
+                run.log(step=-1, tokens=0, split="eval", name=f"lm_eval/{task}/{name}", value=value)
         run.close()
     return result

@@ -319,6 +319,13 @@ def train(
                                       document_attention=cfg.data.document_attention)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = compute_loss(model, teacher, batch, cfg.loss, head=student.lm_head, stream=stream)
+            if cfg.loss.parallel == "sequence" and info.world_size > 1:
+                # The global token mean: this rank's mean times its share of the counted tokens.
+                # DDP then averages over ranks, so the world size cancels (distil.losses.parallel).
+                counted = (batch["labels"] != -100).sum().to(torch.float64)
+                total = counted.clone()
+                torch.distributed.all_reduce(total)
+                loss = loss * (counted * info.world_size / total.clamp_min(1)).to(loss.dtype)
             (loss / cfg.train.grad_accum).backward()
             step_loss += loss.item() / cfg.train.grad_accum
         step_loss = all_reduce_mean(step_loss, info, device)
