@@ -170,3 +170,14 @@ def test_teacher_from_transformers_directory(tmp_path, tiny_tokenizer, tiny_corp
                    loss={"kd_weight": 1.0, "ce_weight": 0.0}, train={"steps": 2, "val_every": 0})
     result = train(cfg, tokenizer=tiny_tokenizer, teacher=other)
     assert np.isfinite(result.history[-1]["loss"]) and "kl_to_teacher" in result.val
+
+
+def test_multiple_choice_is_scored_at_the_end_of_training(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"context": "The model", "choices": [" learns", " x", " y", " z"], "label": 0}) + "\n"
+                          for _ in range(3)))
+    cfg = tiny_cfg(tmp_path, train={"steps": 2, "val_every": 0}, eval={"multiple_choice": str(mc)})
+    run = RunDir.create(tmp_path / "run")
+    result = train(cfg, run=run, tokenizer=tiny_tokenizer)
+    assert {"mc_acc", "mc_acc_norm"} <= set(result.val)
+    assert {r["name"] for r in read_metrics(run.metrics_path) if r["split"] == "val"} >= {"mc_acc", "mc_acc_norm"}

@@ -383,6 +383,14 @@ def train(
     bar.close()
     if not val and is_main:  # resumed at the last step: nothing trained this session, still report
         val = validate()
+    if cfg.eval.multiple_choice and is_main:
+        from distil.eval.multiple_choice import load_items, score_multiple_choice
+
+        mc = score_multiple_choice(student, tokenizer, load_items(cfg.eval.multiple_choice), device=device)
+        val.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})
+        if run is not None:
+            for name in ("mc_acc", "mc_acc_norm"):
+                run.log(step=cfg.train.steps, tokens=tokens_seen, split="val", name=name, value=val[name])
     seconds = time.perf_counter() - session_start
     result = TrainResult(student=student, tokenizer=tokenizer, history=history, val=val,
                          tokens_per_second=session_tokens / seconds if seconds > 0 else 0.0, seconds=seconds)
