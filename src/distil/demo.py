@@ -45,7 +45,7 @@ class DemoSettings:
     teacher: tuple = (256, 4, 4)  # d_model, n_layers, n_heads
     student: tuple = (128, 2, 2)
     teacher_steps: int = 600
-    student_steps: int = 500
+    student_steps: int = 400
     teacher_lr: float = 2e-3
     student_lr: float = 3e-3
     temperature: float = 1.0
@@ -53,7 +53,7 @@ class DemoSettings:
     val_batches: int = 16
     mc_items: int = 200
     max_docs: int | None = None
-    hybrid_steps: int = 150  # reverse-KL steps for each 50% hybrid (MIL and random init)
+    hybrid_steps: int = 100  # reverse-KL steps for each 50% hybrid (MIL and random init)
     hybrid_lr: float = 1e-3
     decode_tokens: int = 128  # tokens generated when timing decode speed
     decode_context: int = 512  # prompt length for the decode-speed comparison
