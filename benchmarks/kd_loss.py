@@ -23,13 +23,8 @@ import subprocess
 import sys
 import time
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from _memory import peak_since, reset_peak  # noqa: E402
 
 
 def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repeats: int, device: str, dtype: str) -> dict:
@@ -73,13 +68,7 @@ def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repea
     step()  # warm-up (and Liger's compile)
     h.grad = w.grad = None
     sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set size (VmHWM) to the current one
-        base = _rss_kib("VmRSS:") * 1024
+    base = reset_peak(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -87,7 +76,7 @@ def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repea
         sync()
         times.append(time.perf_counter() - start)
         h.grad = w.grad = None
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM:") * 1024) - base
+    peak = peak_since(device, base)
     return {"variant": variant, "tokens": tokens, "seconds": min(times), "peak_mib": peak / 2**20}
 
 

@@ -22,13 +22,8 @@ import subprocess
 import sys
 import time
 
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from _memory import peak_since, reset_peak  # noqa: E402
 
 
 def run_one(args) -> dict:
@@ -86,19 +81,13 @@ def run_one(args) -> dict:
             torch.cuda.synchronize()
 
     full_step()  # warm-up; creates the optimizer state
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _kib("VmRSS:") * 1024
+    base = reset_peak(device)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         full_step()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _kib("VmHWM:") * 1024) - base
+    peak = peak_since(device, base)
     tokens = args.batch * args.seq
     return {"variant": args.one, "seconds": min(times), "tokens_per_second": tokens / min(times), "peak_mib": peak / 2**20,
             "device": device}

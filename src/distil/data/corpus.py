@@ -60,21 +60,26 @@ def _read_text_documents(path: Path) -> list[str]:
     return [d for d in docs if d]
 
 
-def _read_jsonl_documents(path: Path, field: str) -> list[str]:
-    docs = []
-    with path.open(encoding="utf-8") as f:
+def read_jsonl(path: Path):
+    """(line number, record) for each non-blank line; invalid JSON is an error naming the line."""
+    with Path(path).open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DistilError(f"{path}:{line_no} is not valid JSON: {e.msg}") from e
-            if not isinstance(record, dict) or field not in record:
-                raise DistilError(f"{path}:{line_no} has no field {field!r} (set data.text_field)")
-            text = record[field]
-            if isinstance(text, str) and text.strip():
-                docs.append(text.strip())
+
+
+def _read_jsonl_documents(path: Path, field: str) -> list[str]:
+    docs = []
+    for line_no, record in read_jsonl(path):
+        if not isinstance(record, dict) or field not in record:
+            raise DistilError(f"{path}:{line_no} has no field {field!r} (set data.text_field)")
+        text = record[field]
+        if isinstance(text, str) and text.strip():
+            docs.append(text.strip())
     return docs
 
 

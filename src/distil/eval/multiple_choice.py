@@ -17,7 +17,6 @@ Input formats (one JSON object per line):
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -67,15 +66,9 @@ def load_items(path: str | Path) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise DistilError(f"multiple-choice file not found: {path}")
-    items = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DistilError(f"{path}:{line_no} is not valid JSON: {e.msg}") from e
-        items.append(parse_item(record, f"{path}:{line_no}"))
+    from distil.data.corpus import read_jsonl
+
+    items = [parse_item(record, f"{path}:{line_no}") for line_no, record in read_jsonl(path)]
     if not items:
         raise DistilError(f"multiple-choice file {path} has no items")
     return items

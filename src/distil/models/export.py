@@ -69,23 +69,22 @@ def granite_config_for(model):
     return hf
 
 
+def _granite_names(key: str, value: torch.Tensor, own: dict) -> dict | None:
+    """distil's gate/up/down MLP -> GraniteMoeHybrid's shared_mlp [gate | up] and output_linear."""
+    if ".mlp.gate_proj." in key or ".mlp.up_proj." in key:
+        return None
+    if ".mlp.down_proj." in key:
+        prefix = key.split(".mlp.")[0]
+        gate_up = torch.cat([own[f"{prefix}.mlp.gate_proj.weight"], own[f"{prefix}.mlp.up_proj.weight"]], dim=0)
+        return {key.replace(".mlp.down_proj.", ".shared_mlp.output_linear."): value,
+                f"{prefix}.shared_mlp.input_linear.weight": gate_up}
+    return {key: value}
+
+
 def granite_state_dict(model) -> dict[str, torch.Tensor]:
-    state = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            if not model.config.tie_embeddings:
-                state[k] = v
-            continue
-        if ".mlp.gate_proj." in k or ".mlp.up_proj." in k:
-            continue
-        if ".mlp.down_proj." in k:
-            state["model." + k.replace(".mlp.down_proj.", ".shared_mlp.output_linear.")] = v
-            prefix = k.split(".mlp.")[0]
-            gate, up = model.state_dict()[f"{prefix}.mlp.gate_proj.weight"], model.state_dict()[f"{prefix}.mlp.up_proj.weight"]
-            state[f"model.{prefix}.shared_mlp.input_linear.weight"] = torch.cat([gate, up], dim=0)
-            continue
-        state["model." + k] = v
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    from distil.models.hf import hf_state_dict
+
+    return hf_state_dict(model, rename=_granite_names)
 
 
 def export_hf(model, path: str | Path, *, tokenizer=None, overwrite: bool = True, hybrid_format: str = "auto") -> str:

@@ -180,18 +180,27 @@ def _set_rope(hf_config, rope: dict) -> None:
         hf_config.rope_scaling = None if rope.get("rope_type") == "default" else rope
 
 
-def save_hf(model: TransformerLM, path: str | Path, *, tokenizer=None, overwrite: bool = True) -> None:
-    from safetensors.torch import save_file
-
-    hf = hf_config_for(model)
-    state = {}
-    for k, v in model.state_dict().items():
+def hf_state_dict(model: TransformerLM, rename=None) -> dict[str, torch.Tensor]:
+    """transformers names (``model.`` prefix, ``lm_head`` only when untied); ``rename(key, tensor, state)``
+    may map a distil parameter onto other names (returning None drops it)."""
+    state: dict[str, torch.Tensor] = {}
+    own = model.state_dict()
+    for k, v in own.items():
         if k == "lm_head.weight":
             if not model.config.tie_embeddings:
                 state[k] = v
             continue
-        state[f"model.{k}"] = v
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        mapped = rename(k, v, own) if rename is not None else {k: v}
+        for name, tensor in (mapped or {}).items():
+            state[f"model.{name}"] = tensor
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_hf(model: TransformerLM, path: str | Path, *, tokenizer=None, overwrite: bool = True) -> None:
+    from safetensors.torch import save_file
+
+    hf = hf_config_for(model)
+    state = hf_state_dict(model)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         hf.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
