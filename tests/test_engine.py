@@ -77,8 +77,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_
     assert kept == ["step_00000036", "step_00000040"]  # keep_checkpoints = 2
 
 
-def test_two_processes_train_like_one(tmp_path, tiny_tokenizer, tiny_corpus_file):
-    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=6, checkpoint_every=0)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(tmp_path, tiny_tokenizer, tiny_corpus_file, parallel):
+    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=6, checkpoint_every=3, parallel=parallel)
     single = tmp_path / "single"
     assert _train(cfg, single).returncode == 0
     double = tmp_path / "double"
@@ -97,6 +98,9 @@ def test_two_processes_train_like_one(tmp_path, tiny_tokenizer, tiny_corpus_file
     sa, sb = load(single / "checkpoints" / "final").state_dict(), load(double / "checkpoints" / "final").state_dict()
     for name in sa:
         torch.testing.assert_close(sa[name], sb[name], atol=1e-5, rtol=1e-4)
+    val = {r["name"]: r["value"] for r in read_metrics(single / "metrics.jsonl") if r["split"] == "val"}
+    val2 = {r["name"]: r["value"] for r in read_metrics(double / "metrics.jsonl") if r["split"] == "val"}
+    assert val2["loss"] == pytest.approx(val["loss"], rel=1e-4)
 
 
 def test_spike_guard_logic():

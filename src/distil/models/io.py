@@ -29,19 +29,25 @@ def _state_dict_for_saving(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_file_state(model, folder: Path) -> None:
-    """config.json + model.safetensors into an existing (temporary) folder."""
+def save_file_state(model, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + model.safetensors into an existing (temporary) folder. ``state`` replaces
+    ``model.state_dict()`` (a full state dict gathered from a sharded model)."""
     from distil.models.transformer import config_dict
 
     cfg = {"format": NATIVE_FORMAT, **config_dict(model.config)}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(_state_dict_for_saving(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if state is None:
+        state = _state_dict_for_saving(model)
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()
+                 if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def save_native(model, path: str | Path, *, tokenizer=None, overwrite: bool = True) -> None:
+def save_native(model, path: str | Path, *, tokenizer=None, overwrite: bool = True, state=None) -> None:
     """Write config.json + model.safetensors (and the tokenizer, if given) as one atomic directory."""
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file_state(model, tmp)
+        save_file_state(model, tmp, state)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 

@@ -54,13 +54,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, *, extra: dict, keep: int = 2, tokenizer=None) -> Path:
+def save_checkpoint(folder: Path, step: int, model, optimizer_state: dict, *, extra: dict, keep: int = 2,
+                    tokenizer=None, model_state: dict | None = None) -> Path:
+    """``optimizer_state`` is ``optimizer.state_dict()`` (or a full DCP state dict under FSDP, with
+    ``model_state`` the gathered full model state dict)."""
     from distil.models.io import save_file_state
 
     target = Path(folder) / f"step_{step:08d}"
     with atomic_dir(target, overwrite=True) as tmp:
-        save_file_state(model, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), **extra}, tmp / "trainer.pt")
+        save_file_state(model, tmp, model_state)
+        torch.save({"optimizer": optimizer_state, "rng": rng_state(), **extra}, tmp / "trainer.pt")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     for old in checkpoints(folder)[:-keep] if keep > 0 else []:
@@ -68,17 +71,27 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, *, extra: dict, k
     return target
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    from distil.models.io import load_state, read_safetensors
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(model state dict, trainer state) of a checkpoint directory; RNG states are restored."""
+    from distil.models.io import read_safetensors
 
     path = Path(path)
     if not (path / "trainer.pt").is_file() or not (path / "model.safetensors").is_file():
         raise DistilError(f"checkpoint {path} is incomplete (model.safetensors or trainer.pt missing)")
-    load_state(model, read_safetensors(path / "model.safetensors"), source=str(path))
+    model_state = read_safetensors(path / "model.safetensors")
     try:
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     except Exception as e:
         raise DistilError(f"checkpoint {path / 'trainer.pt'} is corrupt or unreadable: {e}") from e
-    optimizer.load_state_dict(state.pop("optimizer"))
     set_rng_state(state.pop("rng"))
+    return model_state, state
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Load model and optimizer in place (unsharded model); returns the rest of the trainer state."""
+    from distil.models.io import load_state
+
+    model_state, state = read_checkpoint(path)
+    load_state(model, model_state, source=str(path))
+    optimizer.load_state_dict(state.pop("optimizer"))
     return state

@@ -32,9 +32,10 @@ from distil.errors import DistilError
 from distil.eval.perplexity import evaluate_lm
 from distil.losses import cross_entropy, fused_linear_kd_loss, kd_loss, topk_kd_loss
 from distil.losses.divergences import shared_vocab
+from distil.models.io import load_state
 from distil.models.state import carry, empty_states
 from distil.models.transformer import ModelConfig, TransformerLM
-from distil.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distil.train.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from distil.train.distributed import all_reduce_mean, barrier, init_distributed, parallelize
 from distil.train.guard import SpikeGuard
 from distil.train.run_dir import RunDir
@@ -258,15 +259,25 @@ def train(
     history: list[dict] = []
     start_step, tokens_seen = 0, 0
 
+    fsdp = info.world_size > 1 and cfg.train.parallel == "fsdp"
+
     def restore(path) -> None:
         nonlocal start_step, tokens_seen, history
-        state = load_checkpoint(path, student, optimizer)
+        if fsdp and sharded:
+            state = _load_sharded(path, student, optimizer)
+        elif fsdp:  # before sharding: weights now, optimizer state once the optimizer exists
+            model_state, state = read_checkpoint(path)
+            load_state(student, model_state, source=str(path))
+            pending_optimizer.append(state.pop("optimizer"))
+        else:
+            state = load_checkpoint(path, student, optimizer)
         sampler.load_state_dict(state["sampler"])
         start_step, tokens_seen, history = state["step"], state["tokens"], state["history"]
         if streaming:
             stream.update(state["stream"])
         return state
 
+    sharded, pending_optimizer = False, []
     latest = latest_checkpoint(run.checkpoints) if run is not None and resume else None
     if latest is not None:
         state = restore(latest)
@@ -276,6 +287,14 @@ def train(
             run.truncate_metrics(start_step)
 
     model = parallelize(student, cfg.train, info)  # DDP / FSDP2 / compile from outside; a no-op at world size 1
+    if fsdp:  # FSDP2 replaced the parameters with sharded ones: the optimizer must hold those
+        sharded = True
+        optimizer = build_optimizer(student, cfg)
+        if pending_optimizer:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(student, optimizer, pending_optimizer.pop(),
+                                     options=StateDictOptions(full_state_dict=True))
     use_bf16 = cfg.train.dtype == "bfloat16"
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     params = [p for p in student.parameters() if p.requires_grad]
@@ -286,14 +305,20 @@ def train(
     def checkpoint(step: int) -> None:
         if run is None:
             return
+        model_state, optimizer_state = None, None
+        if fsdp:  # every rank takes part in gathering the full state dicts
+            model_state, optimizer_state = _gather_full_state(student, optimizer)
         if is_main:
-            save_checkpoint(run.checkpoints, step, student, optimizer, keep=cfg.train.keep_checkpoints, extra={
-                "step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
-                "history": history, "stream": stream})
+            save_checkpoint(run.checkpoints, step, student,
+                            optimizer_state if fsdp else optimizer.state_dict(), model_state=model_state,
+                            keep=cfg.train.keep_checkpoints, extra={
+                                "step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
+                                "guard": guard.state_dict(), "history": history, "stream": stream})
         barrier(info)
 
     def validate() -> dict:
-        return evaluate_lm(student, data.val_windows, batch_size=local_batch, max_batches=cfg.eval.val_batches,
+        # The global batch size: every world size validates on the same windows.
+        return evaluate_lm(student, data.val_windows, batch_size=cfg.train.batch_size, max_batches=cfg.eval.val_batches,
                            teacher=teacher, device=device)
 
     val: dict = {}
@@ -367,8 +392,9 @@ def train(
             run.log(step=step, tokens=tokens_seen, split="train", name="tokens_per_second", value=session_tokens / elapsed)
         is_last = step == cfg.train.steps
         if (cfg.train.val_every and step % cfg.train.val_every == 0) or is_last:
-            if is_main:
+            if is_main or fsdp:  # a sharded model's forward needs every rank
                 val = validate()
+            if is_main:
                 record.update({f"val_{k}": v for k, v in val.items() if k != "tokens"})
                 if run is not None:
                     for name, value in val.items():
@@ -381,14 +407,14 @@ def train(
             {"val": f"{val['loss']:.3f}"} if val else {}))
         bar.update(1)
     bar.close()
-    if not val and is_main:  # resumed at the last step: nothing trained this session, still report
+    if not val and (is_main or fsdp):  # resumed at the last step: nothing trained this session, still report
         val = validate()
-    if cfg.eval.multiple_choice and is_main:
+    if cfg.eval.multiple_choice and (is_main or fsdp):
         from distil.eval.multiple_choice import load_items, score_multiple_choice
 
         mc = score_multiple_choice(student, tokenizer, load_items(cfg.eval.multiple_choice), device=device)
         val.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})
-        if run is not None:
+        if run is not None and is_main:
             for name in ("mc_acc", "mc_acc_norm"):
                 run.log(step=cfg.train.steps, tokens=tokens_seen, split="val", name=name, value=val[name])
     seconds = time.perf_counter() - session_start
@@ -396,12 +422,42 @@ def train(
                          tokens_per_second=session_tokens / seconds if seconds > 0 else 0.0, seconds=seconds)
     if run is not None:
         checkpoint(cfg.train.steps)
+        final_state = _gather_full_state(student, optimizer)[0] if fsdp else None
         if is_main:
             from distil.models.io import save_native
 
-            save_native(student, run.checkpoints / "final", tokenizer=tokenizer)
+            save_native(student, run.checkpoints / "final", tokenizer=tokenizer, state=final_state)
         barrier(info)
     return result
+
+
+def _gather_full_state(student, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts of an FSDP2 model, on CPU; a collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(student, options=options), get_optimizer_state_dict(student, optimizer, options=options)
+
+
+def _load_sharded(path, student, optimizer) -> dict:
+    """Roll an FSDP2 model and its optimizer back to a checkpoint, in place."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model_state, state = read_checkpoint(path)
+    if student.config.tie_embeddings:
+        model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(student, model_state, options=options)
+    set_optimizer_state_dict(student, optimizer, state.pop("optimizer"), options=options)
+    return state
 
 
 def _carry_stream(stream: dict, student, teacher, reset: torch.Tensor, kv_window: int | None) -> None:
