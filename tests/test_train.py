@@ -181,3 +181,23 @@ def test_multiple_choice_is_scored_at_the_end_of_training(tmp_path, tiny_tokeniz
     result = train(cfg, run=run, tokenizer=tiny_tokenizer)
     assert {"mc_acc", "mc_acc_norm"} <= set(result.val)
     assert {r["name"] for r in read_metrics(run.metrics_path) if r["split"] == "val"} >= {"mc_acc", "mc_acc_norm"}
+
+
+def test_parquet_and_hf_dataset_sources(tmp_path, tiny_docs):
+    from types import SimpleNamespace
+
+    from distil.data.corpus import load_documents
+
+    pa = pytest.importorskip("pyarrow")
+    datasets = pytest.importorskip("datasets")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": tiny_docs[:10]}), tmp_path / "docs.parquet")
+    cfg = SimpleNamespace(source="parquet", path=str(tmp_path / "docs.parquet"), text_field="body", max_docs=None, split="train")
+    assert load_documents(cfg) == [d.strip() for d in tiny_docs[:10]]
+    datasets.Dataset.from_dict({"text": tiny_docs[:7]}).save_to_disk(str(tmp_path / "ds"))
+    cfg = SimpleNamespace(source="hf", path=str(tmp_path / "ds"), text_field="text", max_docs=5, split="train")
+    assert load_documents(cfg) == [d.strip() for d in tiny_docs[:5]]
+    cfg.text_field = "missing"
+    with pytest.raises(DistilError, match="no field 'missing'"):
+        load_documents(cfg)

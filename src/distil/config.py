@@ -83,9 +83,10 @@ class StudentConfig:
 class DataConfig:
     """The training text, its tokenizer and how it is cut into sequences."""
 
-    source: str = "embedded"  # embedded (Python's own docs) | text | jsonl
-    path: str | None = None  # a .txt file or folder of them (source: text), or a .jsonl file (source: jsonl)
-    text_field: str = "text"  # the JSONL field holding each document
+    source: str = "embedded"  # embedded (Python's own docs) | text | jsonl | parquet | hf
+    path: str | None = None  # file or folder (text, jsonl, parquet), or a dataset dir / hub id (hf)
+    text_field: str = "text"  # the field (JSONL, Parquet, dataset column) holding each document
+    split: str = "train"  # hf: the dataset split to read
     tokenizer: str | None = None  # a tokenizer dir or hub id; None: the teacher's, else a BPE trained here
     vocab_size: int = 4096  # size of the BPE trained when there is no tokenizer
     seq_len: int = 256  # window length (concat) or chunk length (stream)
@@ -97,7 +98,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_choice("data", "source", self.source, ("embedded", "text", "jsonl"))
+        _check_choice("data", "source", self.source, ("embedded", "text", "jsonl", "parquet", "hf"))
         if self.source != "embedded" and not self.path:
             raise DistilError(f"data.path is required when data.source is {self.source!r}")
         _check_positive("data", "seq_len", self.seq_len)

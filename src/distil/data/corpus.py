@@ -1,4 +1,4 @@
-"""Documents for training: the embedded corpus, text files, and JSONL.
+"""Documents for training: the embedded corpus, text files, JSONL, Parquet, Hugging Face datasets.
 
     docs = load_documents(cfg.data)            # list[str]
     train_docs, val_docs = split_documents(docs, 0.05, seed=0)
@@ -83,16 +83,71 @@ def _read_jsonl_documents(path: Path, field: str) -> list[str]:
     return docs
 
 
+def _read_parquet_documents(path: Path, field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DistilError("reading Parquet needs pyarrow: pip install pyarrow") from e
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    docs = []
+    for f in files:
+        try:
+            table = pq.read_table(f, columns=[field])
+        except (KeyError, ValueError) as e:
+            raise DistilError(f"{f} has no column {field!r} (set data.text_field)") from e
+        except Exception as e:
+            raise DistilError(f"{f} is not a readable Parquet file: {e}") from e
+        docs.extend(t.strip() for t in table.column(field).to_pylist() if isinstance(t, str) and t.strip())
+    return docs
+
+
+def _read_hf_documents(data_cfg) -> list[str]:
+    """A Hugging Face dataset: a local directory saved with save_to_disk, a local data dir, or a hub id
+    (read in streaming mode, so nothing but the documents used is downloaded)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DistilError('Hugging Face datasets need the datasets package: pip install -e ".[eval]" or pip install datasets') from e
+    path = Path(data_cfg.path)
+    try:
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[data_cfg.split]
+        else:
+            dataset = datasets.load_dataset(str(data_cfg.path), split=data_cfg.split, streaming=not path.exists())
+    except Exception as e:
+        raise DistilError(f"could not load dataset {data_cfg.path!r} (split {data_cfg.split!r}): {str(e).splitlines()[0]}") from e
+    docs = []
+    for record in dataset:
+        if data_cfg.text_field not in record:
+            raise DistilError(f"dataset {data_cfg.path!r} has no field {data_cfg.text_field!r} (set data.text_field)")
+        text = record[data_cfg.text_field]
+        if isinstance(text, str) and text.strip():
+            docs.append(text.strip())
+        if data_cfg.max_docs and len(docs) >= data_cfg.max_docs:
+            break
+    return docs
+
+
 def load_documents(data_cfg) -> list[str]:
     """The documents named by a :class:`~distil.config.DataConfig`; an empty corpus is an error."""
     if data_cfg.source == "embedded":
         docs = embedded_corpus()
         where = "the embedded corpus"
+    elif data_cfg.source == "hf":
+        docs = _read_hf_documents(data_cfg)
+        where = f"dataset {data_cfg.path}"
     else:
         path = Path(data_cfg.path)
         if not path.exists():
             raise DistilError(f"data.path not found: {path}")
-        docs = _read_jsonl_documents(path, data_cfg.text_field) if data_cfg.source == "jsonl" else _read_text_documents(path)
+        if data_cfg.source == "jsonl":
+            docs = _read_jsonl_documents(path, data_cfg.text_field)
+        elif data_cfg.source == "parquet":
+            docs = _read_parquet_documents(path, data_cfg.text_field)
+        else:
+            docs = _read_text_documents(path)
         where = str(path)
     if data_cfg.max_docs:
         docs = docs[: data_cfg.max_docs]
