@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Caches the code writes under ~ (distil's token cache) go to a throwaway home, also in subprocesses.
+os.environ["HOME"] = tempfile.mkdtemp(prefix="distil-test-home-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 WORDS = ("the model learns to predict the next token from the teacher while the student keeps "

@@ -201,3 +201,23 @@ def test_parquet_and_hf_dataset_sources(tmp_path, tiny_docs):
     cfg.text_field = "missing"
     with pytest.raises(DistilError, match="no field 'missing'"):
         load_documents(cfg)
+
+
+def test_token_cache_is_memory_mapped_and_equal_to_fresh_tokenisation(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    fresh_cfg = tiny_cfg(tmp_path, data={"token_cache": None})
+    cached_cfg = tiny_cfg(tmp_path, data={"token_cache": str(tmp_path / "cache")})
+    fresh = build_data(fresh_cfg.data, tiny_tokenizer)
+    first = build_data(cached_cfg.data, tiny_tokenizer)  # writes the cache
+    again = build_data(cached_cfg.data, tiny_tokenizer)  # reads it back, memory-mapped
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    for a, b, c in ((fresh.train_windows, first.train_windows, again.train_windows),
+                    (fresh.val_windows, first.val_windows, again.val_windows),
+                    (fresh.train_doc_ids, first.train_doc_ids, again.train_doc_ids)):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert isinstance(again.train_token_docs[0], np.memmap)  # views of the token file on disk
+    assert again.val_docs == fresh.val_docs
+    assert all(np.array_equal(x, y) for x, y in zip(fresh.train_token_docs, again.train_token_docs))
+    # A changed corpus file is a different cache entry.
+    tiny_corpus_file.write_text(tiny_corpus_file.read_text() + json.dumps({"text": "one more document here"}) + "\n")
+    build_data(cached_cfg.data, tiny_tokenizer)
+    assert len(list((tmp_path / "cache").iterdir())) == 2

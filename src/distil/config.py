@@ -96,6 +96,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation
     max_docs: int | None = None
     seed: int = 0
+    token_cache: str | None = "~/.cache/distil/tokens"  # memory-mapped token files, reused across runs (null: off)
 
     def __post_init__(self):
         _check_choice("data", "source", self.source, ("embedded", "text", "jsonl", "parquet", "hf"))

@@ -7,13 +7,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from distil.data.corpus import load_documents, split_documents
-from distil.data.packing import concat_windows
-from distil.data.tokenize import tokenize_documents
+from distil.data.packing import concat_windows, strided_windows
+from distil.data.tokenize import tokenize_documents, tokenizer_hash
+
+log = logging.getLogger("distil")
 
 
 @dataclass
@@ -37,8 +43,66 @@ def split_corpus(data_cfg) -> tuple[list[str], list[str]]:
 
 
 def build_data(data_cfg, tokenizer, *, docs: tuple[list[str], list[str]] | None = None) -> TokenizedData:
+    """Tokenise (once: with ``data.token_cache`` the token files are memory-mapped from the cache on
+    later runs) and pack into windows."""
+    cache = _cache_dir(data_cfg, tokenizer) if docs is None else None
+    if cache is not None and (cache / "done").is_file():
+        log.info("tokens from the cache %s", cache)
+        return _from_cache(cache, data_cfg)
     train_docs, val_docs = docs if docs is not None else split_corpus(data_cfg)
     train_tokens = tokenize_documents(tokenizer, train_docs)
+    val_tokens = tokenize_documents(tokenizer, val_docs)
+    if cache is not None:
+        _write_cache(cache, train_tokens, val_tokens, val_docs)
+        return _from_cache(cache, data_cfg)
     train_windows, train_doc_ids = concat_windows(train_tokens, data_cfg.seq_len)
-    val_windows, val_doc_ids = concat_windows(tokenize_documents(tokenizer, val_docs), data_cfg.seq_len)
+    val_windows, val_doc_ids = concat_windows(val_tokens, data_cfg.seq_len)
     return TokenizedData(train_windows, train_doc_ids, val_windows, val_doc_ids, train_docs, val_docs, train_tokens)
+
+
+CACHE_VERSION = 1
+
+
+def _cache_dir(data_cfg, tokenizer) -> Path | None:
+    """The cache folder for this corpus and tokenizer: a hash of everything that changes the tokens."""
+    if not data_cfg.token_cache:
+        return None
+    if data_cfg.source == "embedded":
+        import sys
+        import sysconfig
+
+        origin = {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"]}
+    elif data_cfg.source == "hf" and not Path(data_cfg.path).exists():
+        origin = {"hub": data_cfg.path}
+    else:
+        path = Path(data_cfg.path)
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        origin = {"files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]}
+    key = {"version": CACHE_VERSION, "tokenizer": tokenizer_hash(tokenizer), "eos": tokenizer.eos_token_id,
+           "source": data_cfg.source, "field": data_cfg.text_field, "split": getattr(data_cfg, "split", None),
+           "max_docs": data_cfg.max_docs, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.seed, **origin}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(data_cfg.token_cache).expanduser() / digest
+
+
+def _write_cache(cache: Path, train_tokens, val_tokens, val_docs) -> None:
+    from distil.fsutil import atomic_dir
+
+    with atomic_dir(cache, overwrite=True) as tmp:
+        for split, token_docs in (("train", train_tokens), ("val", val_tokens)):
+            np.save(tmp / f"{split}_tokens.npy", np.concatenate(token_docs).astype(np.uint32))
+            np.save(tmp / f"{split}_offsets.npy", np.cumsum([0] + [len(d) for d in token_docs]).astype(np.int64))
+        (tmp / "val_docs.json").write_text(json.dumps(val_docs))
+        (tmp / "done").write_text("complete\n")
+
+
+def _from_cache(cache: Path, data_cfg) -> TokenizedData:
+    out = {}
+    for split in ("train", "val"):
+        tokens = np.load(cache / f"{split}_tokens.npy", mmap_mode="r")
+        offsets = np.load(cache / f"{split}_offsets.npy")
+        doc_ids = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
+        out[split] = (strided_windows(tokens, data_cfg.seq_len), strided_windows(doc_ids, data_cfg.seq_len),
+                      [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)])
+    val_docs = json.loads((cache / "val_docs.json").read_text())
+    return TokenizedData(out["train"][0], out["train"][1], out["val"][0], out["val"][1], [], val_docs, out["train"][2])

@@ -23,11 +23,18 @@ def concat_windows(token_docs: list[np.ndarray], seq_len: int) -> tuple[np.ndarr
         raise DistilError("no documents to pack")
     tokens = np.concatenate(token_docs)
     docs = np.concatenate([np.full(len(d), i, dtype=np.int32) for i, d in enumerate(token_docs)])
-    num_windows = (len(tokens) - 1) // seq_len
+    return strided_windows(tokens, seq_len), strided_windows(docs, seq_len)
+
+
+def strided_windows(flat: np.ndarray, seq_len: int) -> np.ndarray:
+    """Overlapping windows [n, seq_len + 1] as a read-only view of ``flat`` (no copy, so a
+    memory-mapped token file stays on disk until rows are indexed)."""
+    num_windows = (len(flat) - 1) // seq_len
     if num_windows < 1:
-        raise DistilError(f"the corpus has {len(tokens)} tokens, fewer than one window of data.seq_len + 1 = {seq_len + 1}")
-    idx = np.arange(num_windows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return tokens[idx], docs[idx]
+        raise DistilError(f"the corpus has {len(flat)} tokens, fewer than one window of data.seq_len + 1 = {seq_len + 1}")
+    step = flat.strides[0]
+    return np.lib.stride_tricks.as_strided(flat, shape=(num_windows, seq_len + 1), strides=(seq_len * step, step),
+                                           writeable=False)
 
 
 class WindowSampler:
