@@ -36,8 +36,11 @@ def test_every_command_has_help(command):
 def test_info_prints_versions_device_and_kernels():
     out = distil("info")
     assert out.returncode == 0
-    for key in ("torch", "transformers", "device", "mamba_ssm", "causal_conv1d"):
+    for key in ("torch", "transformers", "device", "mamba_ssm", "causal_conv1d", "allocator"):
         assert key in out.stdout
+    assert "glibc thresholds raised" in out.stdout
+    off = distil("info", env={"DISTIL_MALLOC_TUNING": "0"})
+    assert "allocator: default" in off.stdout
 
 
 def _assert_user_error(out, *fragments):

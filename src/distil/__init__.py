@@ -7,3 +7,7 @@ Entry points: the ``distil`` command (see ``distil --help``), and the Python API
 """
 
 __version__ = "0.1.0"
+
+from distil.runtime import tune_allocator as _tune_allocator
+
+_tune_allocator()  # large freed blocks are reused instead of re-faulted; see distil/runtime.py

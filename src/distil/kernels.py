@@ -97,4 +97,8 @@ def describe_environment() -> dict[str, str]:
                        ("wandb", "wandb")):
         info[name] = _version(dist) if installed(name) else "not installed"
     info["fast paths"] = "on CUDA when installed" if torch.cuda.is_available() else "none on CPU (reference paths)"
+    from distil.runtime import tune_allocator
+
+    info["allocator"] = ("glibc thresholds raised (DISTIL_MALLOC_TUNING=0 to disable)" if tune_allocator()
+                         else "default")
     return info
