@@ -93,6 +93,21 @@ def run_one(args) -> dict:
             "device": device}
 
 
+def _memory_pass(cmd: list[str]) -> float:
+    """Peak extra memory from a second run with distil's allocator tuning off: the tuned allocator
+    keeps freed blocks resident, which hides each step's own peak from VmHWM (timings are taken with
+    the tuning on, as users run)."""
+    import os
+
+    if "--repeats" in cmd:
+        cmd = cmd[: cmd.index("--repeats")] + ["--repeats", "1"] + cmd[cmd.index("--repeats") + 2 :]
+    cmd = ["--repeats=1" if c.startswith("--repeats=") else c for c in cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DISTIL_MALLOC_TUNING": "0"})
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=32768)
@@ -115,7 +130,9 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(out.stderr)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["peak_mib"] = _memory_pass(cmd)
+        rows.append(row)
     base = rows[0]
     print(f"\nvocab={args.vocab} student {args.d_model}x{args.layers} teacher {args.teacher_d_model}x{args.teacher_layers} "
           f"batch {args.batch}x{args.seq} device={rows[0]['device']}\n")
