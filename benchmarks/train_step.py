@@ -11,13 +11,16 @@ One step = teacher forward, student forward and backward, the KD loss, an AdamW 
   teacher's hidden states only, and the fused LM-head + loss (never materialising logits).
 
 Each variant runs in its own subprocess; peak memory is the extra resident memory over the models
-and optimizer state (CPU: VmHWM after a reset) or the CUDA allocator's peak.
+and optimizer state (CPU: VmHWM after a reset, in a pass without allocator tuning) or the CUDA
+allocator's peak. The hand-written variant is timed without distil's allocator tuning
+(distil/runtime.py), as a user's own loop would run; distil's with it, as ``import distil`` applies it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -127,7 +130,10 @@ def main() -> None:
     for variant in ("handwritten", "distil"):
         cmd = [sys.executable, __file__, "--one", variant] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                                                 if k != "one"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        # The hand-written loop's process is one without distil's allocator tuning (this script imports
+        # distil for both variants; a user's own loop would not).
+        env = {**os.environ, "DISTIL_MALLOC_TUNING": "0"} if variant == "handwritten" else None
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(out.stderr)
         row = json.loads(out.stdout.strip().splitlines()[-1])
