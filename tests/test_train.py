@@ -221,3 +221,40 @@ def test_token_cache_is_memory_mapped_and_equal_to_fresh_tokenisation(tmp_path, 
     tiny_corpus_file.write_text(tiny_corpus_file.read_text() + json.dumps({"text": "one more document here"}) + "\n")
     build_data(cached_cfg.data, tiny_tokenizer)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_tensorboard_receives_the_same_metrics(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    pytest.importorskip("tensorboard", reason="TensorBoard is the optional extra distil[tb]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(tmp_path, train={"steps": 3, "val_every": 0})
+    run = RunDir.create(tmp_path / "run")
+    run.add_sinks(tensorboard=True)
+    train(cfg, run=run, tokenizer=tiny_tokenizer)
+    run.mark_complete({})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/loss")]
+    expected = [r["value"] for r in read_metrics(run.metrics_path) if r["split"] == "train" and r["name"] == "loss"]
+    assert logged == pytest.approx(expected) and len(logged) == 3
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    cfg = tiny_cfg(tmp_path, teacher={"source": "model", "path": "unused"}, loss={"kd_weight": 1.0, "ce_weight": 0.5},
+                   train={"steps": 8, "dtype": "bfloat16", "val_every": 0, "lr": 5e-3})
+    result = train(cfg, tokenizer=tiny_tokenizer, teacher=make_teacher(tiny_tokenizer))
+    losses = [h["loss"] for h in result.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_wandb_offline_receives_metrics(tmp_path, tiny_tokenizer, tiny_corpus_file, monkeypatch):
+    pytest.importorskip("wandb", reason="Weights & Biases is optional (pip install wandb)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_cfg(tmp_path, train={"steps": 2, "val_every": 0})
+    run = RunDir.create(tmp_path / "run")
+    run.add_sinks(wandb_project="distil-test")
+    train(cfg, run=run, tokenizer=tiny_tokenizer)
+    run.mark_complete({})
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert offline_runs and any(p.suffix == ".wandb" for p in offline_runs[0].iterdir())

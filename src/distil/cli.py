@@ -230,6 +230,8 @@ def cmd_train(args) -> None:
     barrier(info)
     if not info.is_main:
         run = RunDir(run_path)  # other ranks read checkpoints; only rank 0 writes
+    elif cfg.output.tensorboard or cfg.output.wandb_project:
+        run.add_sinks(tensorboard=cfg.output.tensorboard, wandb_project=cfg.output.wandb_project, config=cfg.to_dict())
     try:
         result = train(cfg, run=run, resume=resume)
     except DistilError:

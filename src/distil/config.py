@@ -217,6 +217,8 @@ class OutputConfig:
     run_dir: str = "runs"
     name: str | None = None  # None: the config file's name
     overwrite: bool = False  # replace an existing run folder of the same name
+    tensorboard: bool = False  # also log metrics to <run>/tensorboard (needs distil[tb])
+    wandb_project: str | None = None  # also log metrics to this Weights & Biases project (needs wandb)
 
 
 @dataclass

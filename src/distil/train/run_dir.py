@@ -29,6 +29,24 @@ class RunDir:
         self.plots = self.path / "plots"
         self.summary_path = self.path / "summary.json"
         self._metrics_file = None
+        self._sinks: list = []  # optional TensorBoard / W&B writers, fed the same records
+
+    def add_sinks(self, *, tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None) -> None:
+        """Also send every metric to TensorBoard (``<run>/tensorboard``) and/or Weights & Biases."""
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise DistilError('output.tensorboard needs TensorBoard: pip install -e ".[tb]"') from e
+            writer = SummaryWriter(str(self.path / "tensorboard"))
+            self._sinks.append(("tensorboard", writer))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise DistilError("output.wandb_project needs Weights & Biases: pip install wandb") from e
+            self._sinks.append(("wandb", wandb.init(project=wandb_project, name=self.path.name, dir=str(self.path),
+                                                    config=config or {}, resume="allow")))
 
     @classmethod
     def create(cls, path: str | Path, *, overwrite: bool = False, resume: bool = False) -> RunDir:
@@ -56,11 +74,19 @@ class RunDir:
         record = {"step": step, "tokens": tokens, "split": split, "name": name, "value": float(value), "time": time.time()}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
+        for kind, sink in self._sinks:
+            if kind == "tensorboard":
+                sink.add_scalar(f"{split}/{name}", float(value), step)
+            else:
+                sink.log({f"{split}/{name}": float(value), "tokens": tokens}, step=step)
 
     def close(self) -> None:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+        for kind, sink in self._sinks:
+            if kind == "tensorboard":
+                sink.flush()
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records after ``step`` (a resumed or rolled-back run repeats those steps)."""
@@ -77,6 +103,9 @@ class RunDir:
 
     def mark_complete(self, summary: dict) -> None:
         self.close()
+        for kind, sink in self._sinks:
+            sink.close() if kind == "tensorboard" else sink.finish()
+        self._sinks = []
         atomic_write_text(self.summary_path, json.dumps({"complete": True, **summary}, indent=2))
 
 
