@@ -73,3 +73,17 @@ def test_bf16_training_steps_run_and_learn(tmp_path, tiny_tokenizer, tiny_corpus
     result = train(cfg, tokenizer=tiny_tokenizer, teacher=teacher)
     losses = [h["loss"] for h in result.history]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@cuda
+def test_compiled_student_trains_like_eager():
+    from distil.config import TrainConfig
+    from distil.models import ModelConfig, TransformerLM
+    from distil.train.distributed import DistInfo, parallelize
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=2)).cuda()
+    ids = torch.randint(0, 100, (2, 32), device="cuda")
+    eager = model(ids)
+    compiled = parallelize(model, TrainConfig(compile=True), DistInfo(device=torch.device("cuda")))
+    torch.testing.assert_close(compiled(ids), eager, atol=1e-4, rtol=1e-4)

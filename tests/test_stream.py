@@ -124,3 +124,18 @@ def test_stream_training_resumes_exactly(tmp_path, tiny_tokenizer, tiny_corpus_f
     resumed = train(cfg(8), run=RunDir.create(tmp_path / "b", resume=True), tokenizer=tiny_tokenizer, teacher=teacher,
                     student=make_student())
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+
+
+def test_document_attention_batches_restart_positions_and_match_separate_documents():
+    from distil.data.packing import batch_tensors, concat_windows
+
+    docs = _docs([5, 7, 9], seed=4)
+    windows, doc_ids = concat_windows(docs, 16)
+    batch = batch_tensors(windows, doc_ids, np.array([0]), "cpu", document_attention=True)
+    assert batch["positions"][0].tolist() == list(range(5)) + list(range(7)) + list(range(4))
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2)).eval()
+    with torch.no_grad():
+        packed = model(batch["input_ids"], doc_ids=batch["attn_doc_ids"], positions=batch["positions"])
+        alone = model(torch.from_numpy(docs[1].astype(np.int64))[None])
+    torch.testing.assert_close(packed[0, 5:12], alone[0], atol=1e-5, rtol=1e-5)
