@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from _memory import peak_since, reset_peak  # noqa: E402
+from _memory import memory_pass, peak_since, reset_peak  # noqa: E402
 
 
 def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repeats: int, device: str, dtype: str) -> dict:
@@ -80,21 +80,6 @@ def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repea
     return {"variant": variant, "tokens": tokens, "seconds": min(times), "peak_mib": peak / 2**20}
 
 
-def _memory_pass(cmd: list[str]) -> float:
-    """Peak extra memory from a second run with distil's allocator tuning off: the tuned allocator
-    keeps freed blocks resident, which hides each step's own peak from VmHWM (timings are taken with
-    the tuning on, as users run)."""
-    import os
-
-    if "--repeats" in cmd:
-        cmd = cmd[: cmd.index("--repeats")] + ["--repeats", "1"] + cmd[cmd.index("--repeats") + 2 :]
-    cmd = ["--repeats=1" if c.startswith("--repeats=") else c for c in cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DISTIL_MALLOC_TUNING": "0"})
-    if out.returncode:
-        raise SystemExit(out.stderr)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192])
@@ -126,7 +111,7 @@ def main() -> None:
                              "note": out.stderr.strip().splitlines()[-1][:80] if out.stderr.strip() else "failed"})
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["peak_mib"] = _memory_pass(cmd)
+            row["peak_mib"] = memory_pass(cmd)
             rows.append(row)
             print(f"  {variant:>6} N={tokens}: {rows[-1]['seconds']:.3f}s, {rows[-1]['peak_mib']:.0f} MiB", file=sys.stderr)
     print(f"\nkind={args.kind} hidden={args.hidden} vocab={args.vocab} device={args.device} dtype={args.dtype}\n")

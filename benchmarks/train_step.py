@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from _memory import peak_since, reset_peak  # noqa: E402
+from _memory import memory_pass, peak_since, reset_peak  # noqa: E402
 
 
 def run_one(args) -> dict:
@@ -96,21 +96,6 @@ def run_one(args) -> dict:
             "device": device}
 
 
-def _memory_pass(cmd: list[str]) -> float:
-    """Peak extra memory from a second run with distil's allocator tuning off: the tuned allocator
-    keeps freed blocks resident, which hides each step's own peak from VmHWM (timings are taken with
-    the tuning on, as users run)."""
-    import os
-
-    if "--repeats" in cmd:
-        cmd = cmd[: cmd.index("--repeats")] + ["--repeats", "1"] + cmd[cmd.index("--repeats") + 2 :]
-    cmd = ["--repeats=1" if c.startswith("--repeats=") else c for c in cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DISTIL_MALLOC_TUNING": "0"})
-    if out.returncode:
-        raise SystemExit(out.stderr)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=32768)
@@ -137,7 +122,7 @@ def main() -> None:
         if out.returncode:
             raise SystemExit(out.stderr)
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["peak_mib"] = _memory_pass(cmd)
+        row["peak_mib"] = memory_pass(cmd)
         rows.append(row)
     base = rows[0]
     print(f"\nvocab={args.vocab} student {args.d_model}x{args.layers} teacher {args.teacher_d_model}x{args.teacher_layers} "
