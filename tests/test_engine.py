@@ -165,3 +165,46 @@ def test_existing_run_without_checkpoint_is_refused_but_one_with_a_checkpoint_re
     again = _train(cfg, tmp_path / "r")  # complete: resumes at the last step and finishes at once
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 4
+
+
+def test_sequence_parallel_loss_is_the_global_token_mean_under_torchrun(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    """Stream packing gives the two ranks different numbers of counted tokens; with loss.parallel =
+    sequence the logged (and trained) loss is the mean over all counted tokens, not a mean of means."""
+    import numpy as np
+
+    from distil.config import load_config
+    from distil.data.dataset import build_data
+    from distil.data.packing import StreamBatcher, stream_tensors
+    from distil.losses import cross_entropy
+    from distil.train.loop import student_model_config
+
+    cfg_path = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=1, checkpoint_every=0, batch_size=4)
+    for parallel in ("sequence", "none"):
+        overrides = ["loss.kd_weight=0", "loss.ce_weight=1", "data.packing=stream", "data.seq_len=120",
+                     f"loss.parallel={parallel}", "data.token_cache=null"]
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "distil", "train", str(cfg_path), "--run-dir", str(tmp_path / parallel),
+                              *sum([["--set", o] for o in overrides], [])],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    cfg = load_config(cfg_path, overrides)
+    data = build_data(cfg.data, tiny_tokenizer)
+    torch.manual_seed(cfg.train.seed)
+    student = TransformerLM(student_model_config(cfg, len(tiny_tokenizer), tiny_tokenizer)).eval()
+    sums, counts = [], []
+    with torch.no_grad():
+        for rank in range(2):
+            batcher = StreamBatcher(data.train_token_docs[rank::2], 2, 120, seed=cfg.train.seed,
+                                    pad_id=tiny_tokenizer.eos_token_id)
+            batch = stream_tensors(batcher.next_batch(), "cpu")
+            logits = student(batch["input_ids"], positions=batch["positions"])
+            sums.append(cross_entropy(logits, batch["labels"], reduction="sum").item())
+            counts.append(int((batch["labels"] != -100).sum()))
+    assert counts[0] != counts[1]  # the case that needs the global count
+    global_mean = sum(sums) / sum(counts)
+    mean_of_means = np.mean([s / c for s, c in zip(sums, counts)])
+    # An untrained model's per-token losses are nearly uniform, so the two means differ only slightly:
+    # the tolerance is a few fp32 ulps of summation order, well below that difference.
+    assert abs(global_mean - mean_of_means) > 1e-5
+    assert _losses(tmp_path / "sequence")[1] == pytest.approx(global_mean, rel=2e-6)
+    assert _losses(tmp_path / "none")[1] == pytest.approx(mean_of_means, rel=2e-6)
