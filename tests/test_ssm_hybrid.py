@@ -107,7 +107,7 @@ def test_hybridize_with_no_layers_reproduces_the_teacher():
 def test_mil_copies_attention_weights(mixer, d_state):
     teacher = _teacher()
     hybrid = hybridize(teacher, [1], mixer=mixer, d_state=d_state, chunk_size=8)
-    assert hybrid.config.pattern == "AMAA" if mixer == "mamba2" else "ADAA"
+    assert hybrid.config.pattern == ("AMAA" if mixer == "mamba2" else "ADAA")
     attn, ssm = teacher.layers[1].self_attn, hybrid.layers[1].mamba
     head_dim, rows = 12, min(d_state, 12)
     x_off, b_off = (ssm.d_inner, 2 * ssm.d_inner) if mixer == "mamba2" else (0, ssm.d_inner)

@@ -66,7 +66,6 @@ def test_streamed_documents_equal_whole_documents():
     batcher = StreamBatcher(docs, rows=2, chunk_len=4, seed=2)
     states = empty_states(model, 2)
     collected = {}
-    row_doc = list(batcher.row_doc)
     with torch.no_grad():
         for _ in range(10):
             current = list(batcher.row_doc)
@@ -80,7 +79,6 @@ def test_streamed_documents_equal_whole_documents():
                 n = int((b["labels"][row] != -100).sum())
                 collected.setdefault(current[row], {}).update(
                     {offsets[row] + t: logits[row, t] for t in range(n)})
-        del row_doc
         checked = 0
         for doc_index, per_position in collected.items():
             doc = torch.from_numpy(docs[doc_index].astype(np.int64))[None]

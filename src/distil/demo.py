@@ -73,6 +73,7 @@ STUDENTS = (
 def _config(settings: DemoSettings, model: tuple, *, steps: int, lr: float, loss: dict, teacher: bool, seed: int):
     d_model, n_layers, n_heads = model
     return config_from_dict({
+        # The demo passes its trained teacher to train() directly; the path only satisfies validation.
         "teacher": {"source": "model", "path": "<demo teacher>"} if teacher else {"source": "none"},
         "student": {"d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "max_seq_len": settings.seq_len},
         "data": {"seq_len": settings.seq_len, "vocab_size": settings.vocab_size},

@@ -20,15 +20,15 @@ Four ways a tensor-parallel KD loss goes wrong, and what this module does instea
 4. Masked tokens normalised per rank: the sequence-parallel mean divides by the global count of
    counted tokens, and a rank whose tokens are all masked still takes part in every collective.
 
-Communication per token (fp32 or fp64 scalars, summed over one call, forward and backward):
+Communication per token (fp32 or fp64 scalars per call; the backward pass communicates nothing):
 
-=========================  ==========================================================
-vocab, softmax kinds       3 all-reduces: max (2), sum-exp (2), [loss, sum h] (2)  -> 6 values
-vocab, mse                 1 all-reduce: [sum of squares, finite count] -> 2 values
-vocab, cross-entropy       2 all-reduces: max (1); [sum-exp, target logit] (2) -> 3 values
-vocab, top-k (k entries)   2 all-reduces: max (1); [sum-exp, tail sum-exp, k log-probs] (k + 2)
-sequence, any kind         1 all-reduce of 2 scalars per call (loss sum, count), not per token
-=========================  ==========================================================
+=========================  ==============================================================
+vocab, softmax kinds       3 all-reduces: max (2), sum-exp (2), [loss, sum h] (2) -> 6 values
+vocab, mse                 2 all-reduces: finite count (1), sum of squares (1) -> 2 values
+vocab, cross-entropy       3 all-reduces: max (1), sum-exp (1), target log-prob (1) -> 3 values
+vocab, top-k (k entries)   3 all-reduces: max (1), sum-exp (1), [k log-probs, tail mass] (k + 1)
+sequence, any kind         2 all-reduces of one scalar per call (count, loss sum), none per token
+=========================  ==============================================================
 
 The groups are ``torch.distributed`` process groups (or a ``DeviceMesh`` dimension's group); there
 is no communication layer of our own.

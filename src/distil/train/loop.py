@@ -20,7 +20,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -53,14 +52,6 @@ class TrainResult:
     val: dict = field(default_factory=dict)  # the final validation metrics
     tokens_per_second: float = 0.0
     seconds: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DistilError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 def student_model_config(cfg: Config, vocab_size: int, tokenizer=None) -> ModelConfig:
@@ -470,7 +461,3 @@ def _carry_stream(stream: dict, student, teacher, reset: torch.Tensor, kv_window
         if stream["teacher"] is None:
             stream["teacher"] = empty_states(teacher.model, batch)
         stream["teacher"] = carry(stream["teacher"], reset=reset, kv_window=kv_window)
-
-
-def history_losses(history: list[dict]) -> np.ndarray:
-    return np.array([h["loss"] for h in history])
