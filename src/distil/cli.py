@@ -157,6 +157,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=int, default=1, help="moving-average window for training loss (default 1)")
     _add_common(p)
 
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run the teacher once and store its top-k log-probs on disk (or report on a cache with --stats)",
+        description="Run the config's teacher (teacher.source model or api) over its training windows and write a "
+        "top-k log-prob cache: compressed shards (about 2 bytes per entry or less), a manifest with checksums, and "
+        "the tokenizer. An interrupted run resumes: complete shards are kept, the partial one is redone. Train on "
+        "it with teacher.source=cache and teacher.cache=DIR. With --stats CACHE_DIR: bytes per token, the "
+        "encoding error and the KL between the teacher and its reconstruction.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config whose teacher and data to cache")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field (repeatable)")
+    p.add_argument("--out", help="cache folder to write (default: teacher.cache of the config)")
+    p.add_argument("--k", type=int, help="entries kept per position (default: loss.topk, else 64)")
+    p.add_argument("--encoding", default="compact", choices=["compact", "exact"],
+                   help="compact: quantised log-probs, error < 0.01 nats where p >= 1e-4 (default); exact: float32")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default: 8)")
+    p.add_argument("--workers", type=int, default=2, help="threads encoding and compressing shards (default: 2)")
+    p.add_argument("--level", type=int, default=9, help="zstd compression level, 1-22 (default: 9)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard file (default: 4194304)")
+    p.add_argument("--overwrite", action="store_true", help="write the cache again even if complete or unfinished")
+    p.add_argument("--stats", metavar="CACHE_DIR", help="report on an existing cache instead of writing one")
+    p.add_argument("--teacher", help="--stats: the teacher to compare against (default: the one in the manifest)")
+    p.add_argument("--sample", type=int, default=8, help="--stats: sequences the teacher is rerun on (default: 8)")
+    p.add_argument("--json", action="store_true", help="--stats: print one JSON object")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "import-logprobs",
+        help="turn logged OpenAI-compatible responses with top_logprobs into a teacher cache",
+        description="Read a JSONL of OpenAI-compatible completion or chat responses that carry logprobs with "
+        "top_logprobs (one per line: the response, or {\"prompt\"|\"messages\": ..., \"response\": ...}), map "
+        "their token strings onto the student tokenizer's ids and write a cache that trains like any other "
+        "(teacher.source=cache). Token strings map by exact vocabulary match first, then as byte-level or "
+        "SentencePiece tokens; a string that is several student tokens is handled by --multi-token.",
+    )
+    p.add_argument("file", help="JSONL of responses")
+    p.add_argument("--tokenizer", required=True, help="the student's tokenizer (directory or hub id)")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--multi-token", default="first", choices=["first", "drop"],
+                   help="a top_logprobs string that is several student tokens: keep its first id (default) or drop it")
+    p.add_argument("--encoding", default="compact", choices=["compact", "exact"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
+    p.add_argument("--json", action="store_true", help="print the import counts as one JSON object")
+    _add_common(p)
+
     p = sub.add_parser("info", help="versions, device and which optional kernels are available",
                        description="Print the versions of distil and its dependencies, the compute device, and which "
                        "optional fast paths (mamba_ssm, causal_conv1d, Triton, Liger-Kernel, lm-eval) are installed.")
@@ -366,5 +412,50 @@ def cmd_info(args) -> None:
         print(f"{key:>16}: {value}")
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "hybridize": cmd_hybridize,
+def cmd_cache_teacher(args) -> None:
+    from distil.train.cache_teacher import cache_stats, write_cache
+
+    if args.stats:
+        if args.config:
+            raise DistilError("give either a CONFIG to write a cache or --stats CACHE_DIR, not both")
+        stats = cache_stats(args.stats, teacher_path=args.teacher, sample=args.sample)
+        if args.json:
+            print(json.dumps(stats))
+            return
+        for key, value in stats.items():
+            print(f"{key:>22}: {value:.6g}" if isinstance(value, float) else f"{key:>22}: {value}")
+        return
+    if not args.config:
+        raise DistilError("cache-teacher needs a CONFIG (or --stats CACHE_DIR)")
+    from distil.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.teacher.cache
+    if not out:
+        raise DistilError("where should the cache go? pass --out DIR or set teacher.cache")
+    k = args.k or cfg.loss.topk or 64
+    if k < 1:
+        raise DistilError(f"--k {k} must be >= 1")
+    if not 1 <= args.level <= 22:
+        raise DistilError(f"--level {args.level} must lie in 1..22")
+    manifest = write_cache(cfg, out, k=k, encoding=args.encoding, batch_size=args.batch_size, workers=args.workers,
+                           overwrite=args.overwrite, level=args.level, shard_tokens=args.shard_tokens)
+    log.info("train on it with: --set teacher.source=cache --set teacher.cache=%s (%d shards, %.1f bytes/token)", out,
+             len(manifest.shards), manifest.bytes / max(1, manifest.num_tokens))
+
+
+def cmd_import_logprobs(args) -> None:
+    from distil.data.api_teacher import import_logprobs
+    from distil.data.tokenize import load_tokenizer
+
+    manifest = import_logprobs(args.file, load_tokenizer(args.tokenizer), args.out, multi_token=args.multi_token,
+                               encoding=args.encoding, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(manifest.stats))
+    else:
+        for key, value in manifest.stats.items():
+            print(f"{key:>22}: {value}")
+
+
+COMMANDS = {"cache-teacher": cmd_cache_teacher, "import-logprobs": cmd_import_logprobs, "demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "hybridize": cmd_hybridize,
             "generate": cmd_generate, "report": cmd_report, "info": cmd_info}

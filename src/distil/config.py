@@ -41,15 +41,31 @@ def _check_positive(section: str, name: str, value: float | int | None, *, allow
 class TeacherConfig:
     """Where the teacher's signal comes from."""
 
-    source: str = "model"  # model | none
-    path: str | None = None  # a transformers checkpoint dir (or hub id), or a distil checkpoint
+    source: str = "model"  # model | cache | api | none
+    path: str | None = None  # model: a transformers checkpoint dir (or hub id), or a distil checkpoint
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    cache: str | None = None  # cache: a folder written by `distil cache-teacher` or `distil import-logprobs`
+    api_base: str | None = None  # api: an OpenAI-compatible base URL, e.g. http://localhost:8000/v1
+    api_model: str | None = None  # api: the served model's name
+    api_key_env: str = "OPENAI_API_KEY"  # api: the environment variable holding the key (unset: no key sent)
+    api_topk: int = 20  # api: top_logprobs asked for at each position
+    api_concurrency: int = 8  # api: requests in flight at once
+    api_retries: int = 5  # api: retries of a failed request (429, 5xx, timeouts), with exponential backoff
+    api_timeout: float = 120.0  # api: seconds per request
+    api_cache: str | None = "~/.cache/distil/api"  # api: answers kept on disk and reused (null: off)
 
     def __post_init__(self):
-        _check_choice("teacher", "source", self.source, ("model", "none"))
+        _check_choice("teacher", "source", self.source, ("model", "cache", "api", "none"))
         _check_choice("teacher", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.source == "model" and not self.path:
             raise DistilError(f"teacher.path is required when teacher.source is {self.source!r}")
+        if self.source == "cache" and not self.cache:
+            raise DistilError("teacher.cache (a cache folder) is required when teacher.source is 'cache'")
+        if self.source == "api" and not (self.api_base and self.api_model):
+            raise DistilError("teacher.api_base and teacher.api_model are required when teacher.source is 'api'")
+        for name in ("api_topk", "api_concurrency", "api_timeout"):
+            _check_positive("teacher", name, getattr(self, name))
+        _check_positive("teacher", "api_retries", self.api_retries, allow_zero=True)
 
 
 @dataclass
@@ -97,6 +113,7 @@ class DataConfig:
     max_docs: int | None = None
     seed: int = 0
     token_cache: str | None = "~/.cache/distil/tokens"  # memory-mapped token files, reused across runs (null: off)
+    num_workers: int = 0  # DataLoader worker processes reading a teacher cache (teacher.source: cache)
 
     def __post_init__(self):
         _check_choice("data", "source", self.source, ("embedded", "text", "jsonl", "parquet", "hf"))
@@ -107,6 +124,7 @@ class DataConfig:
         _check_positive("data", "stream_kv_window", self.stream_kv_window)
         _check_positive("data", "vocab_size", self.vocab_size)
         _check_positive("data", "max_docs", self.max_docs)
+        _check_positive("data", "num_workers", self.num_workers, allow_zero=True)
         if not 0.0 < self.val_fraction < 1.0:
             raise DistilError(f"data.val_fraction = {self.val_fraction!r} must lie strictly between 0 and 1")
 
@@ -236,6 +254,17 @@ class Config:
             raise DistilError("teacher.source is 'none' but loss.kd_weight > 0: set loss.kd_weight=0 or give a teacher")
         if self.loss.topk and self.loss.kind == "mse":
             raise DistilError("loss.kind 'mse' needs full teacher logits; it cannot be used with loss.topk")
+        if self.teacher.source in ("cache", "api"):
+            if self.loss.kd_weight and self.loss.kind not in TOPK_KINDS:
+                raise DistilError(f"teacher.source {self.teacher.source!r} gives top-k log-probs: loss.kind must be one "
+                                  f"of {', '.join(TOPK_KINDS)}, not {self.loss.kind!r}")
+            if self.data.packing == "stream":
+                raise DistilError(f"teacher.source {self.teacher.source!r} is aligned to concat windows; it cannot be "
+                                  "used with data.packing 'stream'")
+            if self.loss.parallel == "vocab":
+                raise DistilError(f"loss.parallel 'vocab' is not available with teacher.source {self.teacher.source!r}")
+        if self.teacher.source == "api" and self.loss.temperature != 1.0:
+            raise DistilError("an API teacher gives log-probs at temperature 1; set loss.temperature = 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

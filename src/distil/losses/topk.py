@@ -129,3 +129,27 @@ def topk_kd_loss(
     terms = topk_terms(student_z, topk_ids, topk_logprobs, teacher_tail_logprob)
     per_token = topk_token_loss(*terms, kind, tail)
     return reduce_tokens(per_token, mask, reduction)
+
+
+@torch.no_grad()
+def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0, chunk_size: int = 4096):
+    """The teacher as a top-k cache holds it: (ids [..., k], log-probs [..., k], tail log-mass [...]).
+
+    Log-probs are fp32 at ``temperature``. The tail is the exact log of the mass outside the top-k
+    (a logsumexp over the other tokens, not 1 - sum, which loses everything below fp32's epsilon).
+    Rows are processed ``chunk_size`` at a time, so only [chunk, V] fp32 is ever extra memory.
+    """
+    vocab = teacher_logits.shape[-1]
+    if k > vocab:
+        raise DistilError(f"k = {k} is larger than the vocabulary ({vocab})")
+    flat = teacher_logits.reshape(-1, vocab)
+    ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)
+    logprobs = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)
+    tail = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], chunk_size):
+        logp = torch.log_softmax(flat[start : start + chunk_size].float() / temperature, dim=-1)
+        values, index = logp.topk(k, dim=-1)
+        ids[start : start + chunk_size], logprobs[start : start + chunk_size] = index, values
+        tail[start : start + chunk_size] = torch.logsumexp(logp.scatter(-1, index, float("-inf")), dim=-1)
+    lead = teacher_logits.shape[:-1]
+    return ids.view(*lead, k), logprobs.view(*lead, k), tail.view(lead)

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -26,11 +27,12 @@ from tqdm.auto import tqdm
 from distil.config import Config
 from distil.data.dataset import TokenizedData, build_data, split_corpus
 from distil.data.packing import StreamBatcher, WindowSampler, batch_tensors, stream_tensors
-from distil.data.tokenize import has_tokenizer, load_tokenizer, train_bpe_tokenizer
+from distil.data.tokenize import has_tokenizer, load_tokenizer, tokenizer_hash, train_bpe_tokenizer
 from distil.errors import DistilError
 from distil.eval.perplexity import evaluate_lm
 from distil.losses import cross_entropy, fused_linear_kd_loss, kd_loss, topk_kd_loss
 from distil.losses.divergences import shared_vocab
+from distil.losses.topk import teacher_topk
 from distil.models.io import load_state
 from distil.models.state import carry, empty_states
 from distil.models.transformer import ModelConfig, TransformerLM
@@ -108,22 +110,29 @@ def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, hea
                                                               return_states=True, return_hidden=True)
         teacher = _FixedTeacher(teacher_hidden, teacher.model.lm_head.weight)
     kd_weight = loss_cfg.kd_weight * (loss_cfg.temperature**2 if loss_cfg.t2_scale else 1.0)
-    if teacher is None or kd_weight == 0:
+    if (teacher is None and "teacher_topk" not in batch) or kd_weight == 0:
         if loss_cfg.fused:
             return fused_linear_kd_loss(hidden, head.weight, labels=labels, ce_weight=loss_cfg.ce_weight,
                                         kd_weight=0.0, chunk_size=loss_cfg.chunk_size, mask=mask)
         return loss_cfg.ce_weight * cross_entropy(head(hidden), labels)
     common = dict(kind=loss_cfg.kind, temperature=loss_cfg.temperature, mask=mask)
-    if loss_cfg.topk:
-        # The teacher as a top-k cache would hold it: log-probs at the loss temperature.
-        teacher_logits = teacher.logits(input_ids, doc_ids, positions).float()
-        logprobs, ids = torch.log_softmax(teacher_logits / loss_cfg.temperature, dim=-1).topk(loss_cfg.topk, dim=-1)
+    if loss_cfg.topk or "teacher_topk" in batch:
+        if "teacher_topk" in batch:  # from a cache or an API teacher
+            ids, logprobs, tail_lp = batch["teacher_topk"]
+            # Positions without any teacher entry (an imported prompt, padding) count in neither term.
+            counted = (labels != -100) & (ids >= 0).any(-1)
+            if not bool(counted.all()):
+                common["mask"] = counted
+        else:  # the teacher as a top-k cache would hold it: log-probs at the loss temperature
+            ids, logprobs, tail_lp = teacher_topk(teacher.logits(input_ids, doc_ids, positions), loss_cfg.topk,
+                                                  temperature=loss_cfg.temperature)
         if loss_cfg.fused:
-            return fused_linear_kd_loss(hidden, head.weight, teacher_topk=(ids, logprobs), labels=labels,
+            return fused_linear_kd_loss(hidden, head.weight, teacher_topk=(ids, logprobs, tail_lp), labels=labels,
                                         ce_weight=loss_cfg.ce_weight, kd_weight=kd_weight, tail=loss_cfg.tail,
                                         chunk_size=loss_cfg.chunk_size, **common)
         logits = head(hidden)
-        loss = kd_weight * topk_kd_loss(logits, ids, logprobs, tail=loss_cfg.tail, **common)
+        loss = kd_weight * topk_kd_loss(logits, ids, logprobs, tail=loss_cfg.tail, teacher_tail_logprob=tail_lp,
+                                        **common)
     else:
         teacher_head = teacher.head_inputs(input_ids, doc_ids, positions) if loss_cfg.fused else None
         if teacher_head is not None:
@@ -165,6 +174,8 @@ def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=N
     if tokenizer is None:
         if cfg.data.tokenizer:
             tokenizer = load_tokenizer(cfg.data.tokenizer)
+        elif cfg.teacher.source == "cache" and has_tokenizer(Path(cfg.teacher.cache) / "tokenizer"):
+            tokenizer = load_tokenizer(Path(cfg.teacher.cache) / "tokenizer")
         elif cfg.teacher.source == "model" and has_tokenizer(cfg.teacher.path):
             tokenizer = load_tokenizer(cfg.teacher.path)
         elif cfg.student.path and has_tokenizer(cfg.student.path):
@@ -216,6 +227,14 @@ def train(
     if cfg.loss.kd_weight == 0:
         teacher = None
     teacher_vocab = teacher.vocab_size if teacher is not None else None
+    cache, api = None, None
+    if cfg.teacher.source == "cache" and cfg.loss.kd_weight:
+        cache = open_cache(cfg, tokenizer, data)
+        teacher_vocab = cache.settings.vocab_size
+    elif cfg.teacher.source == "api" and cfg.loss.kd_weight:
+        from distil.data.api_teacher import ApiTeacher
+
+        api = ApiTeacher.from_config(cfg.teacher, tokenizer)
     torch.manual_seed(cfg.train.seed)
     if student is None:
         if cfg.student.path:
@@ -230,6 +249,9 @@ def train(
         from distil.hybrid.progressive import freeze_all_but_ssm
 
         freeze_all_but_ssm(student)
+    if cache is not None:
+        cache.check_against(tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=student.config.vocab_size,
+                            temperature=cfg.loss.temperature)
     check_vocabularies(tokenizer, student.config.vocab_size, teacher_vocab)
     student.to(device).train()
     if teacher is not None:
@@ -242,6 +264,8 @@ def train(
         # Each rank walks its own share of the documents; a row's state flows across its chunks.
         sampler = StreamBatcher(data.train_token_docs[info.rank :: info.world_size], local_batch, cfg.data.seq_len,
                                 seed=cfg.train.seed, pad_id=tokenizer.eos_token_id or 0)
+    elif cache is not None:
+        sampler = _CacheFeed(cache, cfg, data, info, pad_id=tokenizer.eos_token_id or 0)
     else:
         sampler = WindowSampler(len(data.train_windows), cfg.train.batch_size, seed=cfg.train.seed)
     stream: dict | None = {"student": None, "teacher": None} if streaming else None
@@ -328,11 +352,15 @@ def train(
             if streaming:
                 batch = stream_tensors(sampler.next_batch(), device)
                 _carry_stream(stream, student, teacher, batch["reset"], cfg.data.stream_kv_window)
+            elif cache is not None:
+                batch = sampler.next_batch(device)
             else:
                 # Every rank draws the same global batch and takes its own slice of it.
                 index = sampler.next_batch()[info.rank * local_batch : (info.rank + 1) * local_batch]
                 batch = batch_tensors(data.train_windows, data.train_doc_ids, index, device,
                                       document_attention=cfg.data.document_attention)
+                if api is not None:
+                    batch["teacher_topk"] = api.topk(batch["input_ids"], cfg.loss.topk or cfg.teacher.api_topk)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = compute_loss(model, teacher, batch, cfg.loss, head=student.lm_head, stream=stream)
             if cfg.loss.parallel == "sequence" and info.world_size > 1:
@@ -398,6 +426,8 @@ def train(
             {"val": f"{val['loss']:.3f}"} if val else {}))
         bar.update(1)
     bar.close()
+    if cache is not None:
+        sampler.close()
     if not val and (is_main or fsdp):  # resumed at the last step: nothing trained this session, still report
         val = validate()
     if cfg.eval.multiple_choice and (is_main or fsdp):
@@ -420,6 +450,66 @@ def train(
             save_native(student, run.checkpoints / "final", tokenizer=tokenizer, state=final_state)
         barrier(info)
     return result
+
+
+def open_cache(cfg: Config, tokenizer, data: TokenizedData):
+    """The configured teacher cache, checked against the data and loss (errors name both sides)."""
+    from distil.data.teacher_cache import TeacherCache, tokens_sha256
+
+    cache = TeacherCache(cfg.teacher.cache)
+    if cfg.loss.topk and cfg.loss.topk != cache.settings.k:
+        raise DistilError(f"loss.topk = {cfg.loss.topk} but the cache {cache.path} holds k = {cache.settings.k}; "
+                          "unset loss.topk or write a cache with that k")
+    cache.check_against(tokenizer_hash=tokenizer_hash(tokenizer), temperature=cfg.loss.temperature, seq_len=cfg.data.seq_len,
+                        num_sequences=len(data.train_windows), document_attention=cfg.data.document_attention,
+                        windows_sha256=lambda: tokens_sha256(data.train_windows))
+    return cache
+
+
+class _CacheFeed:
+    """Training batches from a teacher cache through a DataLoader (``data.num_workers`` workers).
+
+    Stands in for the window sampler: ``state_dict`` is the position after the last batch
+    *consumed* (workers read ahead), and ``load_state_dict`` restarts the loader from there."""
+
+    def __init__(self, cache, cfg: Config, data: TokenizedData, info, *, pad_id: int):
+        from distil.data.packing import WindowSampler
+
+        self.cache, self.cfg, self.data, self.info, self.pad_id = cache, cfg, data, info, pad_id
+        self.state = WindowSampler(len(cache), cfg.train.batch_size, seed=cfg.train.seed).state_dict()
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.state = dict(state)
+
+    def close(self) -> None:
+        self._it = None  # the DataLoader iterator shuts its workers down when dropped
+
+    def next_batch(self, device) -> dict:
+        from distil.data.teacher_cache import CacheBatches
+
+        if self._it is None:
+            own = self.cache.settings.source == "import"
+            dataset = CacheBatches(self.cache, batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed,
+                                   sampler_state=self.state, rank=self.info.rank, world_size=self.info.world_size,
+                                   seq_len=self.cfg.data.seq_len, windows=None if own else self.data.train_windows,
+                                   doc_ids=None if own else self.data.train_doc_ids,
+                                   document_attention=self.cfg.data.document_attention, pad_id=self.pad_id)
+            workers = self.cfg.data.num_workers
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                 pin_memory=device.type == "cuda",
+                                                 prefetch_factor=4 if workers else None)
+            self._it = iter(loader)
+        batch = next(self._it)
+        self.state = batch.pop("sampler_state")
+        topk = tuple(t.to(device, non_blocking=True) for t in batch.pop("teacher_topk"))
+        batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+        batch["teacher_topk"] = topk
+        return batch
 
 
 def _gather_full_state(student, optimizer) -> tuple[dict, dict]:

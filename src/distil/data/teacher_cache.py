@@ -1,0 +1,453 @@
+"""Teacher top-k caches on disk: a manifest and checksummed shards of compressed per-sequence blocks.
+
+    writer = CacheWriter(out_dir, settings, total_sequences=n, sequences_per_shard=256)
+    for index, (tokens, ids, logprobs, tail) in ...:   # in sequence order, from writer.next_sequence
+        writer.add(tokens, ids, logprobs, tail)
+    writer.finish()
+
+    cache = TeacherCache(out_dir)                  # checks every shard exists with the right size
+    tokens, ids, logprobs, tail = cache.get(17)    # one sequence, decoded from the memory-mapped shard
+
+Layout of a cache folder::
+
+    manifest.json        written last: a folder without it is an unfinished cache
+    progress.json        while writing: settings and the completed shards (for resuming)
+    shard-00000.bin ...  blocks (one per sequence, see distil.data.topk_codec), then an index
+                         (block offsets, positions and CRC32 per block) and a footer
+
+A shard is written under a temporary name and renamed when complete, so a killed writer leaves
+whole shards plus at most one temporary file, which a resumed run deletes and redoes. Every block
+carries a CRC32 checked when it is read; the manifest holds each shard's size and SHA-256
+(``TeacherCache.verify``), so a truncated or corrupt shard is an error, never silent garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distil.data.topk_codec import ENCODINGS, decode_block
+from distil.errors import DistilError
+from distil.fsutil import atomic_write_text, fsync_dir
+
+log = logging.getLogger("distil")
+
+FORMAT = "distil-topk-cache"
+VERSION = 1
+MAGIC = b"DSTLTOPK"
+_FOOTER = struct.Struct("<QQ8s")  # index offset, number of blocks, magic
+
+
+@dataclass
+class CacheSettings:
+    """Everything that decides the cache's content; a resumed writer must match it exactly."""
+
+    teacher: str  # the teacher's path or hub id, an API model, or "import:<file>"
+    tokenizer_hash: str
+    vocab_size: int
+    k: int
+    temperature: float = 1.0
+    encoding: str = "compact"
+    source: str = "teacher"  # teacher (aligned with data windows) | api | import (sequences of its own)
+    seq_len: int | None = None  # teacher / api: data.seq_len of the windows
+    document_attention: bool = False
+    tokens_sha256: str | None = None  # teacher / api: the token stream the cache is aligned to
+    level: int = 9  # zstd level
+
+    def __post_init__(self):
+        if self.encoding not in ENCODINGS:
+            raise DistilError(f"cache encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
+        if self.k < 1:
+            raise DistilError(f"k = {self.k} must be >= 1")
+        if self.k > self.vocab_size:
+            raise DistilError(f"k = {self.k} is larger than the vocabulary ({self.vocab_size} tokens)")
+
+
+@dataclass
+class Manifest:
+    settings: CacheSettings
+    num_sequences: int
+    num_tokens: int  # positions with a top-k entry list
+    shards: list[dict] = field(default_factory=list)  # {file, first_sequence, sequences, bytes, sha256}
+    stats: dict = field(default_factory=dict)  # e.g. import counts
+    format: str = FORMAT
+    version: int = VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT:
+                raise DistilError(f"{path} is not a distil top-k cache manifest")
+            if raw.get("version") != VERSION:
+                raise DistilError(f"{path} has cache format version {raw.get('version')}; this distil reads {VERSION}")
+            return cls(settings=CacheSettings(**raw.pop("settings")), **raw)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise DistilError(f"{path} is not a valid cache manifest: {e}") from e
+
+    @property
+    def bytes(self) -> int:
+        return sum(s["bytes"] for s in self.shards)
+
+
+def tokens_sha256(windows: np.ndarray, chunk: int = 4096) -> str:
+    """SHA-256 of a [n, seq_len + 1] window array as little-endian uint32 (what a cache is aligned to)."""
+    h = hashlib.sha256()
+    for start in range(0, len(windows), chunk):
+        h.update(np.ascontiguousarray(windows[start : start + chunk]).astype("<u4").tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.bin"
+
+
+class _ShardFile:
+    """One shard being written: blocks appended to a temporary file, index and footer at the end."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp")
+        self.file = open(self.tmp, "wb")
+        self.hash = hashlib.sha256()
+        self.offsets, self.positions, self.crcs = [0], [], []
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+
+    def add(self, block: bytes, positions: int) -> None:
+        self._write(block)
+        self.offsets.append(self.offsets[-1] + len(block))
+        self.positions.append(positions)
+        self.crcs.append(zlib.crc32(block))
+
+    def close(self) -> dict:
+        index_offset = self.offsets[-1]
+        index = (np.asarray(self.offsets, dtype="<u8").tobytes() + np.asarray(self.positions, dtype="<u8").tobytes()
+                 + np.asarray(self.crcs, dtype="<u4").tobytes())
+        self._write(index)
+        self._write(_FOOTER.pack(index_offset, len(self.positions), MAGIC))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return {"file": self.final.name, "sequences": len(self.positions), "positions": int(sum(self.positions)),
+                "bytes": self.final.stat().st_size, "sha256": self.hash.hexdigest()}
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class CacheWriter:
+    """Writes a cache sequence by sequence; resumes an interrupted one in the same folder.
+
+    ``next_sequence`` is where writing continues (0 for a fresh cache): completed shards of an
+    interrupted run are kept (after their SHA-256 is checked), the partial one is redone.
+    """
+
+    def __init__(self, path: str | Path, settings: CacheSettings, *, total_sequences: int, sequences_per_shard: int,
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.settings = settings
+        self.total = total_sequences
+        self.per_shard = sequences_per_shard
+        if sequences_per_shard < 1:
+            raise DistilError("sequences per shard must be >= 1")
+        if (self.path / "manifest.json").exists() and not overwrite:
+            raise DistilError(f"{self.path} already holds a complete cache; pass --overwrite to write it again")
+        if overwrite and self.path.exists():
+            for f in self._cache_files():
+                f.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict] = []
+        self.num_tokens = 0
+        self._resume()
+        self.next_sequence = sum(s["sequences"] for s in self.shards)
+        self._current: _ShardFile | None = None
+        self._in_current = 0
+
+    def _cache_files(self):
+        return [f for f in self.path.iterdir() if f.name in ("manifest.json", "progress.json")
+                or (f.name.startswith(("shard-", ".shard-")) and f.name.endswith((".bin", ".tmp")))]
+
+    def _progress(self) -> dict:
+        return {"settings": asdict(self.settings), "total_sequences": self.total, "sequences_per_shard": self.per_shard}
+
+    def _resume(self) -> None:
+        progress_file = self.path / "progress.json"
+        kept: list[dict] = []
+        if progress_file.exists():
+            try:
+                progress = json.loads(progress_file.read_text())
+            except json.JSONDecodeError as e:
+                raise DistilError(f"{progress_file} is corrupt ({e}); pass --overwrite to start the cache again") from e
+            mine = self._progress()
+            for key, value in mine.items():
+                theirs = progress.get(key)
+                if theirs != value:
+                    raise DistilError(f"{self.path} holds an unfinished cache written with other settings ({key}: "
+                                      f"{theirs} there, {value} now); pass --overwrite to start again")
+            for shard in progress.get("shards", []):
+                f = self.path / shard["file"]
+                if f.is_file() and f.stat().st_size == shard["bytes"] and file_sha256(f) == shard["sha256"]:
+                    kept.append(shard)
+                else:
+                    break  # this shard and everything after it are redone
+        names = {s["file"] for s in kept}
+        for f in self._cache_files():  # partial shards, shards after a damaged one
+            if f.name != "progress.json" and f.name not in names:
+                f.unlink()
+        self.shards = kept
+        self.num_tokens = sum(s["positions"] for s in kept)
+        if kept:
+            log.info("resuming the cache in %s: %d complete shards kept (%d sequences)", self.path, len(kept),
+                     sum(s["sequences"] for s in kept))
+        self._save_progress()
+
+    def _save_progress(self) -> None:
+        atomic_write_text(self.path / "progress.json", json.dumps({**self._progress(), "shards": self.shards}, indent=1))
+
+    def add_block(self, block: bytes, positions: int) -> None:
+        """Append one encoded sequence (``topk_codec.encode_block``)."""
+        if self.next_sequence >= self.total:
+            raise DistilError(f"the cache was planned for {self.total} sequences; got more")
+        if self._current is None:
+            self._current = _ShardFile(self.path / shard_name(len(self.shards)))
+            self._in_current = 0
+        self._current.add(block, positions)
+        self._in_current += 1
+        self.next_sequence += 1
+        self.num_tokens += positions
+        if self._in_current == self.per_shard or self.next_sequence == self.total:
+            shard = self._current.close()
+            shard["first_sequence"] = self.next_sequence - shard["sequences"]
+            self.shards.append(shard)
+            self._current = None
+            self._save_progress()
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+
+    def finish(self, stats: dict | None = None) -> Manifest:
+        if self.next_sequence != self.total:
+            raise DistilError(f"the cache holds {self.next_sequence} of {self.total} planned sequences")
+        manifest = Manifest(settings=self.settings, num_sequences=self.total, num_tokens=self.num_tokens,
+                            shards=self.shards, stats=stats or {})
+        atomic_write_text(self.path / "manifest.json", manifest.to_json())
+        (self.path / "progress.json").unlink(missing_ok=True)
+        return manifest
+
+
+class TeacherCache:
+    """Reads a finished cache. Shards are memory-mapped on first use (per process, so the object
+    can be handed to DataLoader workers); nothing is loaded whole."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            hint = " (an unfinished cache: run `distil cache-teacher` again to complete it)" if (
+                self.path / "progress.json").exists() else ""
+            raise DistilError(f"no cache manifest at {manifest}{hint}")
+        self.manifest = Manifest.read(manifest)
+        self.settings = self.manifest.settings
+        starts = []
+        for shard in self.manifest.shards:
+            f = self.path / shard["file"]
+            if not f.is_file():
+                raise DistilError(f"cache shard {f} is missing")
+            if f.stat().st_size != shard["bytes"]:
+                raise DistilError(f"cache shard {f} has {f.stat().st_size} bytes but the manifest says {shard['bytes']}: "
+                                  "truncated or corrupt")
+            starts.append(shard["first_sequence"])
+        self._starts = np.asarray(starts, dtype=np.int64)
+        if sum(s["sequences"] for s in self.manifest.shards) != self.manifest.num_sequences:
+            raise DistilError(f"{manifest}: the shards hold a different number of sequences than the manifest says")
+        self._maps: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return self.manifest.num_sequences
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = {}  # each process maps the shards itself
+        return state
+
+    def _shard(self, index: int):
+        if index not in self._maps:
+            shard = self.manifest.shards[index]
+            f = self.path / shard["file"]
+            data = np.memmap(f, dtype=np.uint8, mode="r")
+            if len(data) < _FOOTER.size:
+                raise DistilError(f"cache shard {f} is truncated")
+            index_offset, count, magic = _FOOTER.unpack(bytes(data[-_FOOTER.size :]))
+            expected = index_offset + 8 * (count + 1) + 8 * count + 4 * count + _FOOTER.size
+            if magic != MAGIC or count != shard["sequences"] or expected != len(data):
+                raise DistilError(f"cache shard {f} is truncated or corrupt (bad footer)")
+            table = data[index_offset : len(data) - _FOOTER.size]
+            offsets = np.frombuffer(table[: 8 * (count + 1)], dtype="<u8")
+            positions = np.frombuffer(table[8 * (count + 1) : 8 * (2 * count + 1)], dtype="<u8")
+            crcs = np.frombuffer(table[8 * (2 * count + 1) :], dtype="<u4")
+            self._maps[index] = (data, offsets, positions, crcs)
+        return self._maps[index]
+
+    def locate(self, sequence: int) -> tuple[int, int]:
+        if not 0 <= sequence < len(self):
+            raise DistilError(f"sequence {sequence} is outside the cache (0..{len(self) - 1})")
+        shard = int(np.searchsorted(self._starts, sequence, side="right") - 1)
+        return shard, sequence - int(self._starts[shard])
+
+    def get(self, sequence: int):
+        """(tokens [n + 1], ids [n, k] (-1 absent), logprobs [n, k], tail log-mass [n]) of one sequence."""
+        shard, i = self.locate(sequence)
+        data, offsets, positions, crcs = self._shard(shard)
+        block = data[offsets[i] : offsets[i + 1]]
+        if zlib.crc32(block) != int(crcs[i]):
+            raise DistilError(f"cache shard {self.path / self.manifest.shards[shard]['file']} is corrupt: block {i} "
+                              "fails its CRC32 checksum")
+        out = decode_block(memoryview(block), vocab_size=self.settings.vocab_size, encoding=self.settings.encoding)
+        if out[1].shape[0] != int(positions[i]):
+            raise DistilError(f"cache shard {self.manifest.shards[shard]['file']} is corrupt: block {i} has the wrong length")
+        return out
+
+    def verify(self) -> None:
+        """Check every shard's SHA-256 against the manifest (reads the whole cache once)."""
+        for shard in self.manifest.shards:
+            f = self.path / shard["file"]
+            if file_sha256(f) != shard["sha256"]:
+                raise DistilError(f"cache shard {f} fails its SHA-256 checksum: truncated or corrupt")
+
+    # -- alignment with the training data ----------------------------------------------------
+
+    def check_against(self, *, tokenizer_hash: str, vocab_size: int | None = None, temperature: float, seq_len: int | None = None,
+                      num_sequences: int | None = None, windows_sha256=None, document_attention: bool | None = None):
+        """Raise naming both sides when the cache does not belong to this data and student."""
+        s = self.settings
+        if s.tokenizer_hash != tokenizer_hash:
+            raise DistilError(f"the cache {self.path} was written with tokenizer {s.tokenizer_hash[:12]} but the data "
+                              f"uses tokenizer {tokenizer_hash[:12]}")
+        if vocab_size is not None and s.vocab_size != vocab_size:
+            from distil.losses.divergences import shared_vocab
+
+            try:
+                shared_vocab(vocab_size, s.vocab_size)
+            except DistilError:
+                raise DistilError(f"the cache {self.path} has vocabulary size {s.vocab_size} but the student's is "
+                                  f"{vocab_size}") from None
+        if abs(s.temperature - temperature) > 1e-9:
+            raise DistilError(f"the cache {self.path} holds log-probs at temperature {s.temperature} but "
+                              f"loss.temperature is {temperature}")
+        if s.source == "import":
+            return
+        if seq_len is not None and s.seq_len != seq_len:
+            raise DistilError(f"the cache {self.path} was written for data.seq_len {s.seq_len} but data.seq_len is {seq_len}")
+        if num_sequences is not None and self.manifest.num_sequences != num_sequences:
+            raise DistilError(f"the cache {self.path} holds {self.manifest.num_sequences} sequences but the data has "
+                              f"{num_sequences} training windows")
+        if document_attention is not None and s.document_attention != document_attention:
+            raise DistilError(f"the cache {self.path} was written with data.document_attention={s.document_attention} "
+                              f"but data.document_attention is {document_attention}")
+        if windows_sha256 is not None and s.tokens_sha256:
+            ours = windows_sha256()
+            if ours != s.tokens_sha256:
+                raise DistilError(f"the cache {self.path} is aligned to token stream {s.tokens_sha256[:12]} but the "
+                                  f"data's training windows hash to {ours[:12]}: a different corpus or split")
+
+
+# -- batches for training ------------------------------------------------------------------------
+
+
+def cache_rows(cache: TeacherCache, index, *, seq_len: int, pad_id: int = 0):
+    """The sequences at ``index`` as padded arrays [rows, seq_len]: tokens, labels (-100 where the
+    teacher has no entry or past the end), top-k ids (-1 absent), log-probs, tail."""
+    rows, k = len(index), cache.settings.k
+    inputs = np.full((rows, seq_len), pad_id, dtype=np.int64)
+    labels = np.full((rows, seq_len), -100, dtype=np.int64)
+    ids = np.full((rows, seq_len, k), -1, dtype=np.int64)
+    logprobs = np.full((rows, seq_len, k), -1e30, dtype=np.float32)
+    tail = np.zeros((rows, seq_len), dtype=np.float32)
+    for row, sequence in enumerate(index):
+        tokens, seq_ids, seq_lp, seq_tail = cache.get(int(sequence))
+        n = min(seq_len, seq_ids.shape[0])
+        inputs[row, :n], ids[row, :n], logprobs[row, :n], tail[row, :n] = tokens[:n], seq_ids[:n], seq_lp[:n], seq_tail[:n]
+        labels[row, :n] = np.where((seq_ids[:n] >= 0).any(-1), tokens[1 : n + 1], -100)
+    return inputs, labels, ids, logprobs, tail
+
+
+class CacheBatches(torch.utils.data.IterableDataset):
+    """An endless iterable of training batches with the teacher's top-k read from a cache, for a
+    ``torch.utils.data.DataLoader(..., batch_size=None, num_workers=N)``.
+
+    Batch order is the ``WindowSampler``'s; every rank draws the same global batch and keeps its
+    slice, and DataLoader worker w builds batches w, w + N, w + 2N ... which the DataLoader hands
+    out in order, so the stream is the same for any number of workers. Each batch carries the
+    sampler state after it (``sampler_state``), which is what a checkpoint must record: workers
+    read ahead of training.
+
+    ``windows`` given (a cache written from the data): tokens come from the data windows and must
+    equal the cached ones. ``windows`` None (an imported cache): the cache's own sequences, padded.
+    """
+
+    def __init__(self, cache: TeacherCache, *, batch_size: int, seed: int, sampler_state: dict | None, rank: int = 0,
+                 world_size: int = 1, seq_len: int, windows=None, doc_ids=None, document_attention: bool = False,
+                 pad_id: int = 0):
+        self.cache, self.batch_size, self.seed, self.sampler_state = cache, batch_size, seed, sampler_state
+        self.rank, self.world_size, self.seq_len = rank, world_size, seq_len
+        self.windows, self.doc_ids, self.document_attention, self.pad_id = windows, doc_ids, document_attention, pad_id
+
+    def __iter__(self):
+        from distil.data.packing import WindowSampler
+
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        sampler = WindowSampler(len(self.cache), self.batch_size, seed=self.seed)
+        if self.sampler_state is not None:
+            sampler.load_state_dict(self.sampler_state)
+        local = self.batch_size // self.world_size
+        count = 0
+        while True:
+            index = sampler.next_batch()
+            state = sampler.state_dict()
+            if count % num_workers == worker_id:
+                yield {**self.make_batch(index[self.rank * local : (self.rank + 1) * local]), "sampler_state": state}
+            count += 1
+
+    def make_batch(self, index) -> dict:
+        from distil.data.packing import batch_tensors
+
+        inputs, labels, ids, logprobs, tail = cache_rows(self.cache, index, seq_len=self.seq_len, pad_id=self.pad_id)
+        if self.windows is not None:
+            batch = batch_tensors(self.windows, self.doc_ids, index, "cpu", document_attention=self.document_attention)
+            if not np.array_equal(batch["input_ids"].numpy(), inputs):
+                bad = int(index[np.flatnonzero((batch["input_ids"].numpy() != inputs).any(1))[0]])
+                raise DistilError(f"cache sequence {bad} holds other tokens than training window {bad}: the cache "
+                                  f"{self.cache.path} does not belong to this data")
+        else:
+            batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+        batch["teacher_topk"] = (torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(tail))
+        return batch

@@ -1,0 +1,173 @@
+"""``distil cache-teacher``: run the teacher once over the training windows and keep its top-k.
+
+    manifest = write_cache(cfg, "caches/smollm2-k64", k=64)
+    stats = cache_stats("caches/smollm2-k64")   # bytes/token, encoding error, reconstruction KL
+
+Sequence i of the cache is training window i of ``build_data(cfg.data)`` (concat packing at
+``data.seq_len``), so a run with ``teacher.source: cache`` sees, batch for batch, what the online
+teacher would have given with ``loss.topk = k``. The teacher runs at ``--batch-size`` sequences per
+forward; encoding and compression run on ``--workers`` threads beside it. The tokenizer is saved in
+the cache folder, so training from the cache needs nothing else of the teacher.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distil.config import Config
+from distil.data.packing import batch_tensors
+from distil.data.teacher_cache import CacheSettings, CacheWriter, Manifest, TeacherCache, tokens_sha256
+from distil.data.tokenize import tokenizer_hash
+from distil.data.topk_codec import check_logprobs, encode_block
+from distil.errors import DistilError
+from distil.losses.topk import teacher_topk
+
+log = logging.getLogger("distil")
+
+DEFAULT_SHARD_TOKENS = 1 << 22
+
+
+def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = "compact", batch_size: int = 8,
+                workers: int = 2, overwrite: bool = False, level: int = 9, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                progress: bool = True, device: str | None = None, teacher=None, tokenizer=None, data=None) -> Manifest:
+    """Write (or finish) the cache of ``cfg``'s teacher over its training windows into ``out``."""
+    from distil.fsutil import atomic_dir
+    from distil.train.distributed import init_distributed
+    from distil.train.loop import prepare
+
+    if cfg.teacher.source not in ("model", "api"):
+        raise DistilError(f"cache-teacher needs teacher.source 'model' or 'api', not {cfg.teacher.source!r}")
+    if batch_size < 1 or workers < 1:
+        raise DistilError("--batch-size and --workers must be >= 1")
+    info = init_distributed(device or cfg.train.device)
+    teacher, tokenizer, data = prepare(cfg, None, teacher=teacher, tokenizer=tokenizer, data=data, info=info)
+    if cfg.teacher.source == "api":
+        from distil.data.api_teacher import ApiTeacher
+
+        teacher = teacher or ApiTeacher.from_config(cfg.teacher, tokenizer)
+        k = min(k, cfg.teacher.api_topk)
+        vocab_size, name, temperature = len(tokenizer), f"api:{cfg.teacher.api_model}@{cfg.teacher.api_base}", 1.0
+    else:
+        vocab_size, name, temperature = teacher.vocab_size, teacher.name, cfg.loss.temperature
+    windows = data.train_windows
+    settings = CacheSettings(teacher=name, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size, k=k,
+                             temperature=temperature, encoding=encoding,
+                             source="api" if cfg.teacher.source == "api" else "teacher", seq_len=cfg.data.seq_len,
+                             document_attention=cfg.data.document_attention, tokens_sha256=tokens_sha256(windows),
+                             level=level)
+    out = Path(out)
+    writer = CacheWriter(out, settings, total_sequences=len(windows),
+                         sequences_per_shard=max(1, shard_tokens // cfg.data.seq_len), overwrite=overwrite)
+    if not (out / "tokenizer").is_dir():
+        with atomic_dir(out / "tokenizer", overwrite=True) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+    start = writer.next_sequence
+    bar = tqdm(total=len(windows) * cfg.data.seq_len, initial=start * cfg.data.seq_len, unit="tok", unit_scale=True,
+               desc="cache-teacher", disable=not progress, dynamic_ncols=True)
+    pending: collections.deque = collections.deque()
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            block, positions = pending.popleft().result()
+            writer.add_block(block, positions)
+            bar.update(positions)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for first in range(start, len(windows), batch_size):
+                index = np.arange(first, min(first + batch_size, len(windows)))
+                batch = batch_tensors(windows, data.train_doc_ids, index, info.device,
+                                      document_attention=cfg.data.document_attention)
+                if cfg.teacher.source == "api":
+                    ids, logprobs, tail = teacher.topk(batch["input_ids"], k)
+                else:
+                    logits = teacher.logits(batch["input_ids"], batch.get("attn_doc_ids"), batch.get("positions"))
+                    ids, logprobs, tail = teacher_topk(logits, k, temperature=temperature)
+                ids, logprobs, tail = ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy()
+                check_logprobs(logprobs, f"teacher output for sequences {index[0]}..{index[-1]}", ids >= 0)
+                for row, sequence in enumerate(index):
+                    tokens = np.asarray(windows[sequence], dtype=np.int64)
+                    pending.append(pool.submit(_encode, tokens, ids[row], logprobs[row], tail[row], vocab_size,
+                                               encoding, level))
+                drain(4 * workers * batch_size)
+            drain(0)
+    except BaseException:
+        writer.abort()
+        bar.close()
+        raise
+    bar.close()
+    manifest = writer.finish()
+    log.info("cache written to %s: %d sequences, %d tokens, %.1f bytes/token", out, manifest.num_sequences,
+             manifest.num_tokens, manifest.bytes / max(1, manifest.num_tokens))
+    return manifest
+
+
+def _encode(tokens, ids, logprobs, tail, vocab_size, encoding, level):
+    return encode_block(tokens, ids, logprobs, tail, vocab_size=vocab_size, encoding=encoding, level=level), ids.shape[0]
+
+
+P_MIN = 1e-4  # the encoding's error bound holds for entries at least this likely
+
+
+@torch.no_grad()
+def cache_stats(path: str | Path, *, teacher_path: str | None = None, sample: int = 8, device="cpu",
+                verify: bool = True) -> dict:
+    """Size, and (when the teacher can be loaded) the encoding error and the reconstruction KL.
+
+    On ``sample`` sequences spread over the cache the teacher is run again on the cached tokens:
+    ``max_abs_logprob_error`` is the largest |stored - exact| log-prob over entries with p >= 1e-4;
+    ``reconstruction_kl`` is the mean per token of KL(teacher || reconstruction), where the
+    reconstruction is the stored top-k plus the stored tail mass spread evenly over the other tokens.
+    """
+    from distil.train.teacher import load_teacher
+
+    cache = TeacherCache(path)
+    if verify:
+        cache.verify()
+    m, s = cache.manifest, cache.settings
+    stats = {"sequences": m.num_sequences, "tokens": m.num_tokens, "bytes": m.bytes, "k": s.k,
+             "encoding": s.encoding, "bytes_per_token": m.bytes / max(1, m.num_tokens),
+             "bytes_per_entry": m.bytes / max(1, m.num_tokens * s.k), "max_abs_logprob_error": None,
+             "reconstruction_kl": None, "sampled_tokens": 0, **m.stats}
+    teacher_path = teacher_path or (s.teacher if s.source == "teacher" else None)
+    if teacher_path is None:
+        stats["note"] = "no teacher model to compare against (pass --teacher)"
+        return stats
+    teacher = load_teacher(teacher_path, device=device)
+    if teacher.vocab_size < s.vocab_size:
+        raise DistilError(f"teacher {teacher_path} has {teacher.vocab_size} tokens; the cache has {s.vocab_size}")
+    picks = np.unique(np.linspace(0, len(cache) - 1, num=min(sample, len(cache))).round().astype(np.int64))
+    max_err, kl_sum, count = 0.0, 0.0, 0
+    for sequence in picks:
+        tokens, ids, logprobs, tail = cache.get(int(sequence))
+        input_ids = torch.as_tensor(tokens[:-1], device=device)[None]
+        positions = None
+        if s.document_attention:
+            raise DistilError("--stats does not rebuild document-attention masks; compare on a cache without them")
+        exact = torch.log_softmax(teacher.logits(input_ids, None, positions)[0].double() / s.temperature, -1)
+        exact = exact[:, : s.vocab_size]
+        ids_t, lp_t = torch.as_tensor(ids, device=device), torch.as_tensor(logprobs, dtype=torch.float64, device=device)
+        present = ids_t >= 0
+        truth = exact.gather(-1, ids_t.clamp_min(0))
+        big = present & (truth >= math.log(P_MIN))
+        if big.any():
+            max_err = max(max_err, (lp_t - truth).abs()[big].max().item())
+        # Reconstruction: stored top-k, stored tail spread over the remaining tokens.
+        rest = s.vocab_size - present.sum(-1, keepdim=True)
+        tail_t = torch.as_tensor(tail, dtype=torch.float64, device=device)
+        recon = (tail_t[:, None] - torch.log(rest.clamp_min(1).double())).expand_as(exact).clone()
+        recon.scatter_(-1, ids_t.clamp_min(0), torch.where(present, lp_t, recon.gather(-1, ids_t.clamp_min(0))))
+        recon = recon - torch.logsumexp(recon, -1, keepdim=True)  # the quantised parts need not sum to exactly 1
+        kl_sum += (exact.exp() * (exact - recon)).sum().item()
+        count += exact.shape[0]
+    stats.update(max_abs_logprob_error=max_err, reconstruction_kl=kl_sum / max(1, count), sampled_tokens=count,
+                 teacher=str(teacher_path))
+    return stats
