@@ -197,7 +197,7 @@ def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sequences = []
     positions_total = positions_with_entries = unmapped_tokens = 0
-    for line_no, record in enumerate(read_jsonl(path), start=1):
+    for line_no, record in read_jsonl(path):
         where = f"{path}:{line_no}"
         if not isinstance(record, dict):
             raise DistilError(f"{where}: expected a JSON object")
