@@ -62,7 +62,7 @@ def synthetic_rows(vocab: int, ks, positions: int = 2048, seq_len: int = 256) ->
     rows = []
     for k in ks:
         total, entries = 0, 0
-        for start in range(0, positions, seq_len):
+        for _ in range(0, positions, seq_len):
             z = prior + 2.0 * torch.randn(seq_len, vocab, generator=g)
             z = z * (torch.rand(seq_len, 1, generator=g) * 2 + 0.8)
             ids, lp, tail = teacher_topk(z, k)

@@ -225,6 +225,11 @@ def test_training_on_a_cache_equals_the_online_teacher_at_the_same_k(world):
     np.testing.assert_allclose(_losses(compact), _losses(online), atol=0.012)
     unfused = train(cfg(teacher={"source": "cache", "cache": str(world["caches"]["exact"])}, loss={"fused": False}))
     np.testing.assert_allclose(_losses(unfused), _losses(online), rtol=1e-5)
+    for kind in ("reverse_kl", "soft_ce"):
+        ref = train(cfg(loss={"topk": 16, "kind": kind, "ce_weight": 0.5}))
+        got = train(cfg(teacher={"source": "cache", "cache": str(world["caches"]["exact"])},
+                        loss={"kind": kind, "ce_weight": 0.5}))
+        assert _losses(got) == _losses(ref), kind
 
 
 def test_dataloader_workers_and_ranks_read_the_same_batches(world, tiny_tokenizer):

@@ -147,7 +147,8 @@ class LossConfig:
     parallel: str = "none"  # none | vocab | sequence
 
     def __post_init__(self):
-        kinds = TOPK_KINDS if self.topk else LOSS_KINDS
+        # soft_ce needs top-k log-probs (loss.topk, or a cache / API teacher: checked in Config)
+        kinds = TOPK_KINDS if self.topk else (*LOSS_KINDS, "soft_ce")
         _check_choice("loss", "kind", self.kind, kinds)
         _check_positive("loss", "kd_weight", self.kd_weight, allow_zero=True)
         _check_positive("loss", "ce_weight", self.ce_weight, allow_zero=True)
@@ -254,6 +255,9 @@ class Config:
             raise DistilError("teacher.source is 'none' but loss.kd_weight > 0: set loss.kd_weight=0 or give a teacher")
         if self.loss.topk and self.loss.kind == "mse":
             raise DistilError("loss.kind 'mse' needs full teacher logits; it cannot be used with loss.topk")
+        if self.loss.kind == "soft_ce" and not self.loss.topk and self.teacher.source not in ("cache", "api"):
+            raise DistilError("loss.kind 'soft_ce' needs top-k teacher log-probs: set loss.topk, or use "
+                              "teacher.source cache or api")
         if self.teacher.source in ("cache", "api"):
             if self.loss.kd_weight and self.loss.kind not in TOPK_KINDS:
                 raise DistilError(f"teacher.source {self.teacher.source!r} gives top-k log-probs: loss.kind must be one "

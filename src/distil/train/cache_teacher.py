@@ -56,7 +56,10 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = "c
         k = min(k, cfg.teacher.api_topk)
         vocab_size, name, temperature = len(tokenizer), f"api:{cfg.teacher.api_model}@{cfg.teacher.api_base}", 1.0
     else:
-        vocab_size, name, temperature = teacher.vocab_size, teacher.name, cfg.loss.temperature
+        name = teacher.name
+        if Path(name).exists():  # a local checkpoint: absolute, so --stats finds it from anywhere
+            name = str(Path(name).resolve())
+        vocab_size, temperature = teacher.vocab_size, cfg.loss.temperature
     windows = data.train_windows
     settings = CacheSettings(teacher=name, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size, k=k,
                              temperature=temperature, encoding=encoding,

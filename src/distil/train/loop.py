@@ -428,6 +428,8 @@ def train(
     bar.close()
     if cache is not None:
         sampler.close()
+    if api is not None:
+        api.close()
     if not val and (is_main or fsdp):  # resumed at the last step: nothing trained this session, still report
         val = validate()
     if cfg.eval.multiple_choice and (is_main or fsdp):
