@@ -141,6 +141,7 @@ def test_writer_reader_round_trip(world, tiny_tokenizer):
     assert len(m.shards) == -(-m.num_sequences // 40) > 1
     assert m.settings.k == 16 and m.settings.vocab_size == len(tiny_tokenizer) and m.settings.temperature == 1.0
     assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in m.shards)
+    assert m.dtype.startswith("float32") and TeacherCache(world["caches"]["compact"]).manifest.dtype.startswith("uint16")
     cache.verify()
     compact = TeacherCache(world["caches"]["compact"])
     assert compact.manifest.bytes < 0.6 * m.bytes

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distil.data.topk_codec import ENCODINGS, decode_block
+from distil.data.topk_codec import COARSE, CUT, ENCODINGS, STEP, decode_block
 from distil.errors import DistilError
 from distil.fsutil import atomic_write_text, fsync_dir
 
@@ -79,6 +79,7 @@ class Manifest:
     num_tokens: int  # positions with a top-k entry list
     shards: list[dict] = field(default_factory=list)  # {file, first_sequence, sequences, bytes, sha256}
     stats: dict = field(default_factory=dict)  # e.g. import counts
+    dtype: str = ""  # how values are stored (from the encoding), for readers of the JSON
     format: str = FORMAT
     version: int = VERSION
 
@@ -256,8 +257,10 @@ class CacheWriter:
     def finish(self, stats: dict | None = None) -> Manifest:
         if self.next_sequence != self.total:
             raise DistilError(f"the cache holds {self.next_sequence} of {self.total} planned sequences")
+        dtype = ("float32 log-probs and tail" if self.settings.encoding == "exact" else
+                 f"uint16 log-space codes (step {STEP} nats above {CUT}, {COARSE} below), stored as differences")
         manifest = Manifest(settings=self.settings, num_sequences=self.total, num_tokens=self.num_tokens,
-                            shards=self.shards, stats=stats or {})
+                            shards=self.shards, stats=stats or {}, dtype=dtype)
         atomic_write_text(self.path / "manifest.json", manifest.to_json())
         (self.path / "progress.json").unlink(missing_ok=True)
         return manifest
