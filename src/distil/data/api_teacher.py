@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distil.data.topk_codec import ABSENT_LOGPROB
 from distil.errors import DistilError
 
 log = logging.getLogger("distil")
@@ -165,6 +166,13 @@ def _positions(choice: dict, where: str) -> list[tuple[str, object, list[tuple[s
     raise DistilError(f"{where}: logprobs has neither 'content' (chat) nor 'tokens' (completions)")
 
 
+def _tail_of_present(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum of the present entries' probabilities): absent (dropped) entries are tail mass."""
+    from distil.losses.topk import log1mexp
+
+    return log1mexp(torch.logsumexp(torch.where(ids >= 0, logprobs, torch.tensor(float("-inf"))), -1))
+
+
 def _prompt_ids(record: dict, tokenizer, where: str) -> list[int]:
     if "prompt" in record:
         prompt = record["prompt"]
@@ -188,7 +196,6 @@ def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token
     from distil.data.tokenize import tokenizer_hash
     from distil.data.topk_codec import encode_block
     from distil.fsutil import atomic_dir
-    from distil.losses.topk import log1mexp
 
     path = Path(path)
     if not path.is_file():
@@ -239,8 +246,7 @@ def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token
         for position, merged in entries.items():
             ids[position, : len(merged)] = list(merged.keys())
             logprobs[position, : len(merged)] = list(merged.values())
-        present = torch.from_numpy(np.where(ids >= 0, logprobs, -np.inf))
-        tail = log1mexp(torch.logsumexp(present, -1)).numpy()  # dropped entries are tail mass
+        tail = _tail_of_present(torch.from_numpy(ids), torch.from_numpy(logprobs)).numpy()
         writer.add_block(encode_block(tokens, ids, logprobs, tail, vocab_size=len(tokenizer), encoding=encoding), n)
     counts = dict(mapper.counts)
     entries_total = sum(counts.values())
@@ -352,7 +358,7 @@ class ApiTeacher:
             raise DistilError(f"{where}: the response scores {len(positions)} tokens, expected {n + 1} (the prompt "
                               "echoed and one generated token); does the server support echo with logprobs?")
         ids = np.full((n, k), -1, dtype=np.int64)
-        logprobs = np.full((n, k), -1e30, dtype=np.float32)
+        logprobs = np.full((n, k), ABSENT_LOGPROB, dtype=np.float32)
         for i in range(n):
             alts = positions[i + 1][2]
             if not alts:
@@ -365,14 +371,11 @@ class ApiTeacher:
 
     def topk(self, input_ids: torch.Tensor, k: int | None = None):
         """(ids [B, L, k], log-probs [B, L, k], tail log-mass [B, L]) on ``input_ids``' device."""
-        from distil.losses.topk import log1mexp
-
         k = k or self.topk_default
         rows = [row.tolist() for row in input_ids.cpu()]
         results = list(self.pool.map(lambda row: self.score(row, k), rows))
         ids = torch.from_numpy(np.stack([r[0] for r in results]))
         logprobs = torch.from_numpy(np.stack([r[1] for r in results]))
-        present = torch.where(ids >= 0, logprobs, torch.tensor(float("-inf")))
-        tail = log1mexp(torch.logsumexp(present, -1))
+        tail = _tail_of_present(ids, logprobs)
         device = input_ids.device
         return ids.to(device), logprobs.to(device), tail.to(device)

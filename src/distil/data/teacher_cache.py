@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distil.data.topk_codec import COARSE, CUT, ENCODINGS, STEP, decode_block
+from distil.data.topk_codec import ABSENT_LOGPROB, COARSE, CUT, ENCODINGS, STEP, decode_block
 from distil.errors import DistilError
 from distil.fsutil import atomic_write_text, fsync_dir
 
@@ -392,7 +392,7 @@ def cache_rows(cache: TeacherCache, index, *, seq_len: int, pad_id: int = 0):
     inputs = np.full((rows, seq_len), pad_id, dtype=np.int64)
     labels = np.full((rows, seq_len), -100, dtype=np.int64)
     ids = np.full((rows, seq_len, k), -1, dtype=np.int64)
-    logprobs = np.full((rows, seq_len, k), -1e30, dtype=np.float32)
+    logprobs = np.full((rows, seq_len, k), ABSENT_LOGPROB, dtype=np.float32)
     tail = np.zeros((rows, seq_len), dtype=np.float32)
     for row, sequence in enumerate(index):
         tokens, seq_ids, seq_lp, seq_tail = cache.get(int(sequence))
