@@ -3,8 +3,9 @@
     python benchmarks/decode.py                                   # contexts 1k..16k, CPU-sized model
     python benchmarks/decode.py --d-model 2048 --layers 24 --contexts 1024 4096 16384
 
-For each context length: prefill the prompt once, then time batch-1 greedy generation of
-``--new-tokens`` tokens with the KV cache (attention layers) and recurrent state (SSM layers).
+For each context length: prefill the prompt once, then time greedy generation of ``--new-tokens``
+tokens for ``--batch`` sequences (default 1), with the KV cache (attention layers) and recurrent
+state (SSM layers); on CUDA with mamba_ssm and causal_conv1d the SSM step runs their kernels.
 State memory is the size of the KV cache plus SSM states after the prompt.
 """
 
@@ -18,6 +19,7 @@ import torch
 from distil.hybrid import hybridize
 from distil.models import ModelConfig, TransformerLM
 from distil.models.ssm import SSMState
+from distil.models.state import preallocated_states
 
 
 def state_bytes(states) -> int:
@@ -29,9 +31,10 @@ def state_bytes(states) -> int:
 
 
 @torch.no_grad()
-def measure(model, context: int, new_tokens: int, vocab: int, device) -> tuple[float, int]:
-    prompt = torch.randint(0, vocab, (1, context), device=device)
-    logits, states = model(prompt, return_states=True)
+def measure(model, context: int, new_tokens: int, vocab: int, device, batch: int = 1) -> tuple[float, int]:
+    prompt = torch.randint(0, vocab, (batch, context), device=device)
+    states = preallocated_states(model, batch, context + new_tokens)  # as distil's generate() does
+    logits, states = model(prompt, states=states, return_states=True)
     token = logits[:, -1:].argmax(-1)
     memory = state_bytes(states)
     if device.type == "cuda":
@@ -42,7 +45,7 @@ def measure(model, context: int, new_tokens: int, vocab: int, device) -> tuple[f
         token = logits[:, -1:].argmax(-1)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return new_tokens / (time.perf_counter() - start), memory
+    return batch * new_tokens / (time.perf_counter() - start), memory
 
 
 def main() -> None:
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (tokens/s counts all of them)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -65,12 +69,14 @@ def main() -> None:
     hybrid = hybridize(teacher, ssm_layers, d_state=args.d_state, chunk_size=256)
     teacher, hybrid = teacher.to(device, dtype).eval(), hybrid.to(device, dtype).eval()
     print(f"\nd_model={args.d_model} layers={args.layers} hybrid pattern {hybrid.config.pattern} device={device} "
-          f"dtype={args.dtype}, batch 1, {args.new_tokens} new tokens\n")
+          f"dtype={args.dtype}, batch {args.batch}, {args.new_tokens} new tokens\n")
     print("| context | teacher tokens/s | hybrid tokens/s | speed-up | teacher state (MiB) | hybrid state (MiB) |")
     print("|---|---|---|---|---|---|")
+    for model in (teacher, hybrid):  # warm-up: CUDA context, kernel compilation (Triton), allocator
+        measure(model, 64, 4, args.vocab, device, args.batch)
     for context in args.contexts:
-        t_speed, t_mem = measure(teacher, context, args.new_tokens, args.vocab, device)
-        h_speed, h_mem = measure(hybrid, context, args.new_tokens, args.vocab, device)
+        t_speed, t_mem = measure(teacher, context, args.new_tokens, args.vocab, device, args.batch)
+        h_speed, h_mem = measure(hybrid, context, args.new_tokens, args.vocab, device, args.batch)
         print(f"| {context} | {t_speed:.1f} | {h_speed:.1f} | {h_speed / t_speed:.2f}x | {t_mem / 2**20:.1f} | "
               f"{h_mem / 2**20:.1f} |", flush=True)
 

@@ -27,7 +27,8 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 from _memory import memory_pass, peak_since, reset_peak  # noqa: E402
 
 
-def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repeats: int, device: str, dtype: str) -> dict:
+def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repeats: int, device: str, dtype: str,
+            chunk_size: int | None = None) -> dict:
     import torch
 
     from distil.losses import fused_linear_kd_loss, kd_loss
@@ -45,7 +46,7 @@ def run_one(variant: str, tokens: int, hidden: int, vocab: int, kind: str, repea
             loss.backward()
     elif variant == "fused":
         def step():
-            loss = fused_linear_kd_loss(h, w, th, tw, kind=kind)
+            loss = fused_linear_kd_loss(h, w, th, tw, kind=kind, chunk_size=chunk_size)
             loss.backward()
     elif variant == "liger":
         # Liger's chunked distillation loss (torch.compile, runs on CPU too): generalised JSD, so
@@ -90,11 +91,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--variants", nargs="+", default=["eager", "fused", "liger"])
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="tokens per chunk of the fused loss (default: distil's default for the vocabulary)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single variant, print JSON
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.tokens[0], args.hidden, args.vocab, args.kind, args.repeats, args.device,
-                                 args.dtype)))
+                                 args.dtype, args.chunk_size)))
         return
     rows = []
     for tokens in args.tokens:
@@ -104,17 +107,19 @@ def main() -> None:
                 continue
             cmd = [sys.executable, __file__, "--one", variant, "--tokens", str(tokens), "--hidden", str(args.hidden),
                    "--vocab", str(args.vocab), "--kind", args.kind, "--repeats", str(args.repeats), "--device", args.device,
-                   "--dtype", args.dtype]
+                   "--dtype", args.dtype] + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 rows.append({"variant": variant, "tokens": tokens, "seconds": None, "peak_mib": None,
                              "note": out.stderr.strip().splitlines()[-1][:80] if out.stderr.strip() else "failed"})
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["peak_mib"] = memory_pass(cmd)
+            if args.device != "cuda":  # CUDA: the allocator's own peak from the timed run
+                row["peak_mib"] = memory_pass(cmd)
             rows.append(row)
             print(f"  {variant:>6} N={tokens}: {rows[-1]['seconds']:.3f}s, {rows[-1]['peak_mib']:.0f} MiB", file=sys.stderr)
-    print(f"\nkind={args.kind} hidden={args.hidden} vocab={args.vocab} device={args.device} dtype={args.dtype}\n")
+    print(f"\nkind={args.kind} hidden={args.hidden} vocab={args.vocab} device={args.device} dtype={args.dtype} "
+          f"chunk={args.chunk_size or 'default'}\n")
     print("| N | variant | fwd+bwd (s) | peak extra memory (MiB) | time vs eager | memory vs eager |")
     print("|---|---|---|---|---|---|")
     for tokens in args.tokens:

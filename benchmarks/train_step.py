@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                       # vocab 32768, CPU-sized models
     python benchmarks/train_step.py --vocab 32768 --d-model 512 --layers 4 --batch 4 --seq 512
+    python benchmarks/train_step.py --vocab 128256 --dtype bfloat16 ...   # GPU: bf16 autocast for both
 
 One step = teacher forward, student forward and backward, the KD loss, an AdamW update.
 
@@ -76,8 +77,12 @@ def run_one(args) -> dict:
     del labels
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
 
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else __import__("contextlib").nullcontext())
+
     def full_step():
-        step()
+        with autocast:
+            step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -106,6 +111,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: both variants under bf16 autocast (fp32 weights, as mixed-precision training)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -122,11 +129,12 @@ def main() -> None:
         if out.returncode:
             raise SystemExit(out.stderr)
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["peak_mib"] = memory_pass(cmd)
+        if row["device"] != "cuda":  # CUDA: the allocator's own peak from the timed run
+            row["peak_mib"] = memory_pass(cmd)
         rows.append(row)
     base = rows[0]
     print(f"\nvocab={args.vocab} student {args.d_model}x{args.layers} teacher {args.teacher_d_model}x{args.teacher_layers} "
-          f"batch {args.batch}x{args.seq} device={rows[0]['device']}\n")
+          f"batch {args.batch}x{args.seq} device={rows[0]['device']} dtype={args.dtype}\n")
     print("| variant | step (s) | tokens/s | peak extra memory (MiB) | tokens/s vs hand-written | memory vs hand-written |")
     print("|---|---|---|---|---|---|")
     for r in rows:

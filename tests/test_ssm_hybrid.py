@@ -241,6 +241,31 @@ def test_generation_with_kv_cache_and_ssm_state_matches_full_forward(ssm_layers)
     assert torch.equal(logits[:, 6:].argmax(-1), out[:, 7:])
 
 
+@pytest.mark.parametrize("capacity_margin", [5, -3])
+def test_preallocated_kv_buffers_equal_concatenated_caches(capacity_margin):
+    """Decoding into preallocated KV buffers gives the outputs of the concatenating cache; past the
+    preallocated length it falls back to concatenation; the caller's earlier state is untouched."""
+    from distil.models.state import preallocated_states
+    from distil.models.transformer import KVBuffer
+
+    torch.manual_seed(0)
+    model = hybridize(_teacher(), [1], chunk_size=8).eval()
+    prompt, new = torch.randint(0, 61, (2, 7)), torch.randint(0, 61, (2, 8))
+    with torch.no_grad():
+        ref_logits, ref_states = model(prompt, return_states=True)
+        states = preallocated_states(model, 2, 7 + 8 + capacity_margin)
+        logits, states = model(prompt, states=states, return_states=True)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        first_k = states[0][0].clone()
+        for t in range(new.shape[1]):
+            ref_logits, ref_states = model(new[:, t:t + 1], states=ref_states, return_states=True)
+            logits, states = model(new[:, t:t + 1], states=states, return_states=True)
+            torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        assert isinstance(states[0], KVBuffer) == (capacity_margin >= 0)
+        assert states[0][0].shape[2] == 15
+        torch.testing.assert_close(states[0][0][:, :, :7], first_k, atol=0, rtol=0)
+
+
 def test_training_a_hybrid_student_lowers_its_kl(tmp_path, tiny_tokenizer, tiny_corpus_file):
     from distil.config import config_from_dict
     from distil.data.dataset import build_data

@@ -26,6 +26,8 @@ KERNELS = {
     "causal_conv1d": "causal_conv1d",
     "triton": "triton",
     "liger_kernel": "liger_kernel",
+    # torch.compile (inductor) of elementwise chunk code: Triton kernels on CUDA.
+    "compile": "triton",
 }
 _forced: str | None = os.environ.get("DISTIL_KERNELS") or None  # "reference" | "fast" | None
 _decided: dict[tuple[str, str], bool] = {}
@@ -102,3 +104,27 @@ def describe_environment() -> dict[str, str]:
     info["allocator"] = ("glibc thresholds raised (DISTIL_MALLOC_TUNING=0 to disable)" if tune_allocator()
                          else "default")
     return info
+
+
+_DECODE_BACKENDS = None
+
+
+def decode_attention_backends(tensor: torch.Tensor):
+    """SDPA backends for decoding steps (one query, a key length that grows every call).
+
+    On CUDA this leaves out cuDNN attention, which PyTorch picks first on Hopper but whose CPU-side
+    setup cost about 2.8 ms per call when the key length changes every step (H100, torch 2.11:
+    a 24-layer 2048-wide model decoded 11 tokens/s by default, 57 with the memory-efficient
+    kernel; docs/benchmarks.md). Elsewhere: no restriction.
+    """
+    global _DECODE_BACKENDS
+    import contextlib
+
+    if tensor.device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if _DECODE_BACKENDS is None:
+        _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        log.info("decode attention on cuda: flash / memory-efficient / math SDPA (cuDNN left out)")
+    return sdpa_kernel(_DECODE_BACKENDS)

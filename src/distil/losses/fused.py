@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from distil.errors import DistilError
+from distil.kernels import use_fast_path
 from distil.losses.analytic import divergence_and_h, mse_and_grad, softmax_grad
 from distil.losses.divergences import (
     compute_dtype,
@@ -33,12 +34,32 @@ from distil.losses.divergences import (
 )
 from distil.losses.topk import topk_terms, topk_token_loss, validate_topk
 
-# Tokens per chunk: one [chunk, vocab] fp32 tensor is about 64 MiB at this budget.
+# Tokens per chunk: one [chunk, vocab] fp32 tensor is about 64 MiB at this budget on CPU (cache-
+# and page-fault-friendly), about 1 GiB on CUDA (large matmuls keep the GPU busy; the compiled chunk
+# holds few such tensors). benchmarks/kd_loss.py --chunk-size measures other choices.
 DEFAULT_CHUNK_ELEMENTS = 2**24
+DEFAULT_CHUNK_ELEMENTS_CUDA = 2**28
 
 
-def default_chunk_size(vocab_size: int) -> int:
+def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    if torch.device(device).type == "cuda":
+        return max(64, min(4096, DEFAULT_CHUNK_ELEMENTS_CUDA // vocab_size))
     return max(64, min(1024, DEFAULT_CHUNK_ELEMENTS // vocab_size))
+
+
+_compiled_chunk = None
+
+
+def _chunk_function(logits: torch.Tensor, teacher_topk):
+    """The one dispatch point of the chunk's elementwise work: on CUDA (with Triton) the
+    full-vocabulary path runs through torch.compile, which fuses its dozen [chunk x vocab] passes;
+    CPU and top-k chunks take the eager reference."""
+    global _compiled_chunk
+    if teacher_topk is None and use_fast_path("compile", logits):
+        if _compiled_chunk is None:
+            _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+        return _compiled_chunk
+    return _chunk_loss_and_grad
 
 
 def _chunk_loss_and_grad(
@@ -157,7 +178,7 @@ class _FusedLinearKD(torch.autograd.Function):
             if student_bias is not None:
                 logits = logits + student_bias
             teacher_logits, teacher_topk = teacher_fn(start, end)
-            loss, grad_logits = _chunk_loss_and_grad(
+            loss, grad_logits = _chunk_function(logits, teacher_topk)(
                 logits,
                 teacher_logits,
                 teacher_topk,
@@ -286,7 +307,7 @@ def fused_linear_kd_loss(
         return logits, None
 
     opts = dict(
-        chunk_size=chunk_size or default_chunk_size(student_weight.shape[0]),
+        chunk_size=chunk_size or default_chunk_size(student_weight.shape[0], student_hidden.device),
         mask=flat_mask,
         labels=flat_labels,
         kind=kind,

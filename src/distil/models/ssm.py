@@ -22,8 +22,9 @@ attention-like products inside each chunk, a linear recurrence over chunk states
   ``[x | B | C | z | A~]``, a_t = -softplus(A~_t) per head, no dt scaling of the input, output
   gated by silu(z + z_bias), then ``out_proj``.
 
-On CUDA with mamba_ssm and causal_conv1d installed, Mamba2 uses their kernels through
-:func:`distil.kernels.use_fast_path`; CPU always runs the reference here. The discrete mixer always
+On CUDA, Mamba2 uses mamba_ssm's Triton kernels for the scan and the decode step, and
+causal_conv1d's kernels for the convolution, each when installed, through
+:func:`distil.kernels.use_fast_path` (each independently); CPU always runs the reference here. The discrete mixer always
 runs the reference (mamba_ssm's kernel scales the input by dt, which that form does not do).
 """
 
@@ -194,8 +195,7 @@ class Mamba2Mixer(nn.Module):
             y, state = self.step(hidden[:, 0], state)
             return y[:, None], state
         z, xbc, dt = self._split(self.in_proj(hidden))
-        fast = use_fast_path("mamba_ssm", hidden) and use_fast_path("causal_conv1d", hidden)
-        if fast:
+        if use_fast_path("causal_conv1d", hidden):
             xbc_act, conv_state = _fast_conv(xbc, self.conv1d, state)
         else:
             xbc_act, conv_state = causal_conv(xbc, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv)
@@ -207,7 +207,7 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(_fp(dt, hidden) + _fp(self.dt_bias, hidden))  # [b, l, h]
         A = -torch.exp(_fp(self.A_log, hidden))
         initial = None if state is None else state.ssm
-        if fast:
+        if use_fast_path("mamba_ssm", hidden):
             y, final = _fast_scan(x, dt, A, B, C, self.chunk_size, initial)
         else:
             y, final = ssd_chunked(x * dt[..., None].to(x.dtype), dt * A, B, C, chunk_size=self.chunk_size,
@@ -220,9 +220,15 @@ class Mamba2Mixer(nn.Module):
     def step(self, hidden: torch.Tensor, state: SSMState):
         """One token [b, d_model] -> ([b, d_model], new state); equals ``forward`` on that token."""
         z, xbc, dt = self._split(self.in_proj(hidden))
-        window = torch.cat([state.conv.to(xbc.dtype), xbc[..., None]], dim=-1)  # [b, c, k]
-        conv_out = (window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
-        xbc_act = F.silu(conv_out)
+        if use_fast_path("causal_conv1d", hidden):
+            xbc_act, conv_state = _fast_conv_step(xbc, self.conv1d, state.conv)
+        else:
+            window = torch.cat([state.conv.to(xbc.dtype), xbc[..., None]], dim=-1)  # [b, c, k]
+            xbc_act = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+            conv_state = window[..., 1:]
+        if use_fast_path("mamba_ssm", hidden):
+            y, ssm_state = _fast_ssm_step(self, xbc_act, dt, state.ssm)
+            return self.out_proj(self.norm(y.to(hidden.dtype), z)), SSMState(conv_state, ssm_state)
         x, B, C = xbc_act.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         batch = hidden.shape[0]
         x = x.reshape(batch, self.n_heads, self.head_dim)
@@ -235,7 +241,7 @@ class Mamba2Mixer(nn.Module):
         ssm = _fp(state.ssm, hidden) * torch.exp(dt * A)[..., None, None] + (x * dt[..., None])[..., None] * B[:, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", ssm, C) + x * _fp(self.D, hidden)[:, None]
         y = y.reshape(batch, self.d_inner).to(hidden.dtype)
-        return self.out_proj(self.norm(y, z)), SSMState(window[..., 1:], ssm.to(state.ssm.dtype))
+        return self.out_proj(self.norm(y, z)), SSMState(conv_state, ssm.to(state.ssm.dtype))
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> SSMState:
         return SSMState(torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
@@ -279,6 +285,31 @@ def _fast_scan(x, dt, A, B, C, chunk_size, initial):  # pragma: no cover - CUDA 
                                          chunk_size, initial_states=None if initial is None else initial.to(x.dtype),
                                          return_final_states=True)
     return y.float(), final.float()
+
+
+def _fast_conv_step(xbc, conv1d, conv_state):  # pragma: no cover - CUDA with causal_conv1d only
+    """One token through causal_conv1d_update (which updates its state in place: a copy keeps the
+    caller's state as it was, as the reference does)."""
+    from causal_conv1d import causal_conv1d_update
+
+    conv = conv_state.to(xbc.dtype, copy=True)
+    out = causal_conv1d_update(xbc.contiguous(), conv, conv1d.weight[:, 0], conv1d.bias, activation="silu")
+    return out, conv
+
+
+def _fast_ssm_step(mixer, xbc_act, dt, ssm_state):  # pragma: no cover - CUDA with mamba_ssm only
+    """One token through mamba_ssm's selective_state_update (in place on a copy of the state)."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    batch, heads, p, n = xbc_act.shape[0], mixer.n_heads, mixer.head_dim, mixer.d_state
+    x, B, C = xbc_act.split([mixer.d_inner, mixer.n_groups * n, mixer.n_groups * n], dim=-1)
+    ssm = ssm_state.clone()
+    A = -torch.exp(mixer.A_log.float())[:, None, None].expand(heads, p, n)
+    y = selective_state_update(ssm, x.reshape(batch, heads, p), dt[..., None].expand(batch, heads, p),
+                               A, B.reshape(batch, mixer.n_groups, n), C.reshape(batch, mixer.n_groups, n),
+                               D=mixer.D[:, None].expand(heads, p), dt_bias=mixer.dt_bias[:, None].expand(heads, p),
+                               dt_softplus=True)
+    return y.reshape(batch, mixer.d_inner), ssm
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,26 @@ def empty_states(model, batch: int, device=None) -> list:
     return states
 
 
+def preallocated_states(model, batch: int, max_len: int, device=None) -> list:
+    """States for decoding up to ``max_len`` positions: each attention layer's KV cache is a
+    :class:`~distil.models.transformer.KVBuffer` filled in place, SSM layers start from zero state.
+    Outputs equal those with ``states=None``; generation uses this."""
+    from distil.models.transformer import KVBuffer
+
+    device = device or next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cfg = model.config
+    states = []
+    for layer in model.layers:
+        if layer.kind == "A":
+            shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+            states.append(KVBuffer(torch.empty(shape, device=device, dtype=dtype),
+                                   torch.empty(shape, device=device, dtype=dtype), 0))
+        else:
+            states.append(layer.mamba.empty_state(batch, device=device, dtype=dtype))
+    return states
+
+
 def carry(states: list, *, reset: torch.Tensor | None = None, kv_window: int | None = None) -> list:
     """Detach every state; zero the rows in ``reset`` [batch] (bool); keep at most ``kv_window`` keys."""
     out = []

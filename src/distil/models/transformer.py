@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distil.errors import DistilError
+from distil.kernels import decode_attention_backends
 
 MIXER_KINDS = {"A": "attention", "M": "mamba2", "D": "discrete_mamba2"}
 
@@ -133,6 +134,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class KVBuffer(tuple):
+    """An attention layer's (k, v) cache as views of buffers preallocated to ``capacity`` positions.
+
+    Decoding appends each new key in place instead of concatenating (a fresh allocation of the whole
+    cache per token and layer). One buffer serves one line of decoding: continuing two branches from
+    the same KVBuffer would write into the same slots. Made by :func:`distil.models.state.preallocated_states`.
+    """
+
+    def __new__(cls, k_buffer: torch.Tensor, v_buffer: torch.Tensor, length: int):
+        self = super().__new__(cls, (k_buffer[:, :, :length], v_buffer[:, :, :length]))
+        self.buffers, self.length = (k_buffer, v_buffer), length
+        return self
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> KVBuffer | tuple:
+        end = self.length + k.shape[2]
+        k_buffer, v_buffer = self.buffers
+        if end > k_buffer.shape[2]:  # past the preallocated length: fall back to concatenation
+            return torch.cat([self[0], k], dim=2), torch.cat([self[1], v], dim=2)
+        k_buffer[:, :, self.length:end] = k
+        v_buffer[:, :, self.length:end] = v
+        return KVBuffer(k_buffer, v_buffer, end)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -155,10 +179,18 @@ class Attention(nn.Module):
         if state is not None:
             past = state[0].shape[2]
             valid = state[2] if len(state) > 2 else None
-            k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
-        new_state = (k, v) if valid is None else (k, v, valid + seq)
+            if isinstance(state, KVBuffer):
+                new_state = state.append(k, v)
+                k, v = new_state[0], new_state[1]
+            else:
+                k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
+                new_state = (k, v) if valid is None else (k, v, valid + seq)
+        else:
+            new_state = (k, v)
         mask = None
-        if past or doc_ids is not None or self.sliding_window is not None:
+        # One new token after the cache sees every cached key: no mask needed unless a window or a
+        # per-row valid count hides some.
+        if (past and (seq > 1 or valid is not None)) or doc_ids is not None or self.sliding_window is not None:
             mask = attention_mask(seq, past, x.device, doc_ids=doc_ids, window=self.sliding_window)
             if valid is not None:  # [batch, 1, 1, past + seq]: hide keys from a row's previous document
                 key_ok = torch.arange(past + seq, device=x.device)[None, :] >= (past - valid)[:, None]
@@ -166,7 +198,10 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if mask is None:
+        if mask is None and past:
+            with decode_attention_backends(q):
+                out = F.scaled_dot_product_attention(q, k, v)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
