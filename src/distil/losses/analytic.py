@@ -5,7 +5,8 @@ Every softmax-based divergence L(p_s) has the logit gradient
     dL/dz_j = h_j - p_s_j * sum_v h_v,      h_v = p_s_v * dL/dp_s_v
 
 so each kind only defines its loss and ``h`` (below, derived by hand and checked against autograd
-on ``kd_loss`` in tests/test_losses.py). Under vocabulary parallelism ``sum_v h_v`` is the one
+on ``kd_loss`` in tests/test_losses.py). ``h`` may differ from the table by a per-token multiple of
+p_s, which leaves the gradient unchanged (jsd uses this). Under vocabulary parallelism ``sum_v h_v`` is the one
 extra all-reduce. Compared with autograd this skips saving and replaying a dozen [tokens x vocab]
 intermediates.
 
@@ -42,10 +43,16 @@ def divergence_and_h(logp_s: torch.Tensor, logp_t: torch.Tensor, kind: str, *, b
         return torch.linalg.vecdot(p_s, diff), p_s * diff.add_(1.0), p_s
     if kind == "jsd":
         # log m from the probabilities already at hand: one log instead of logaddexp's exp + log1p.
-        # Only terms with p ~ 0 lose relative precision, and those are weighted by p.
-        log_m = _log_prob_mix(p_t, p_s, beta)
-        diff_s = logp_s - log_m
-        loss = beta * torch.linalg.vecdot(p_t, logp_t - log_m) + (1.0 - beta) * torch.linalg.vecdot(p_s, diff_s)
+        # Only terms with p ~ 0 lose relative precision, and those are weighted by p. With
+        # c = log(1 - b), m = (1 - b)(p_s + b/(1 - b) p_t), so log m = L + c from one fused add and
+        # an in-place log; the constant c is folded into the sums (few [tokens x vocab] passes).
+        c = math.log1p(-beta)
+        big_l = torch.add(p_s, p_t, alpha=beta / (1.0 - beta)).log_().clamp_min_(LOG_FLOOR - c)
+        diff_s = logp_s - big_l  # log p_s - log m + c
+        loss = (beta * (torch.linalg.vecdot(p_t, logp_t) - torch.linalg.vecdot(p_t, big_l) - c * p_t.sum(-1))
+                + (1.0 - beta) * (torch.linalg.vecdot(p_s, diff_s) - c * p_s.sum(-1)))
+        # h = (1 - b) p_s (log p_s - log m) + (1 - b) c p_s: the last term, a multiple of p_s, cancels
+        # in the softmax gradient h - p_s sum(h) (sum p_s = 1 over the whole vocabulary).
         return loss, diff_s.mul_(p_s).mul_(1.0 - beta), p_s
     if kind == "skew_forward_kl":
         log_r = _log_prob_mix(p_t, p_s, skew)
