@@ -63,6 +63,15 @@ def test_value_checks_name_the_field(override, message):
         load_config(None, [override, "teacher.source=none", "loss.kd_weight=0", "loss.ce_weight=1"])
 
 
+def test_vocab_parallel_head_needs_an_untied_head_and_concat_packing():
+    base = ["teacher.source=none", "loss.kd_weight=0", "loss.ce_weight=1", "loss.parallel=vocab"]
+    with pytest.raises(DistilError, match="tie_embeddings: false"):
+        load_config(None, base)
+    with pytest.raises(DistilError, match="concat packing"):
+        load_config(None, [*base, "student.tie_embeddings=false", "data.packing=stream"])
+    assert load_config(None, [*base, "student.tie_embeddings=false"]).loss.parallel == "vocab"
+
+
 def test_jsd_beta_endpoints_rejected_in_config():
     with pytest.raises(DistilError, match="reverse_kl"):
         load_config(None, ["loss.kind=jsd", "loss.beta=0", "teacher.path=x"])

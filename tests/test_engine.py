@@ -208,3 +208,49 @@ def test_sequence_parallel_loss_is_the_global_token_mean_under_torchrun(tmp_path
     assert abs(global_mean - mean_of_means) > 1e-5
     assert _losses(tmp_path / "sequence")[1] == pytest.approx(global_mean, rel=2e-6)
     assert _losses(tmp_path / "none")[1] == pytest.approx(mean_of_means, rel=2e-6)
+
+
+def test_vocab_parallel_head_under_torchrun_trains_like_one_process(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    """loss.parallel = vocab: 2 processes each hold half of the student's LM head (torch's
+    ColwiseParallel) and see the same batch; losses, validation, checkpoints and the final weights
+    equal one process with the whole head, and a resumed TP run continues the uninterrupted one."""
+    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=6, checkpoint_every=3, batch_size=6, grad_clip=0.05)
+    overrides = ["student.tie_embeddings=false", "loss.kind=reverse_kl", "loss.temperature=2.0",
+                 "train.schedule=constant"]
+    sets = sum([["--set", o] for o in overrides], [])
+    single = tmp_path / "single"
+    out = _train(cfg, single, *sets)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    def torchrun(run, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "distil", "train", str(cfg), "--run-dir", str(run), *sets, "--set",
+                               "loss.parallel=vocab", *extra], capture_output=True, text=True, env=ENV, timeout=300)
+
+    double = tmp_path / "double"
+    out = torchrun(double)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LM head sharded over 2 processes" in out.stderr + out.stdout  # the head really was split
+    a, b = _losses(single), _losses(double)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    from distil.models import load
+
+    sa, sb = load(single / "checkpoints" / "final").state_dict(), load(double / "checkpoints" / "final").state_dict()
+    assert sa.keys() == sb.keys() and sa["lm_head.weight"].shape == sb["lm_head.weight"].shape
+    for name in sa:
+        torch.testing.assert_close(sb[name], sa[name], atol=1e-5, rtol=1e-4)
+    val = {r["name"]: r["value"] for r in read_metrics(single / "metrics.jsonl") if r["split"] == "val"}
+    val2 = {r["name"]: r["value"] for r in read_metrics(double / "metrics.jsonl") if r["split"] == "val"}
+    assert val2["loss"] == pytest.approx(val["loss"], rel=1e-4)
+
+    # Resume: 6 more steps from the TP checkpoint at step 6 equal 12 uninterrupted single-process steps.
+    out = _train(cfg, tmp_path / "single12", *sets, "--set", "train.steps=12")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun(double, "--set", "train.steps=12")
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _losses(tmp_path / "single12"), _losses(double)
+    assert sorted(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step

@@ -267,6 +267,13 @@ class Config:
                                   "used with data.packing 'stream'")
             if self.loss.parallel == "vocab":
                 raise DistilError(f"loss.parallel 'vocab' is not available with teacher.source {self.teacher.source!r}")
+        if self.loss.parallel == "vocab":
+            if self.data.packing == "stream":
+                raise DistilError("loss.parallel 'vocab' gives every process the same batch; data.packing 'stream' "
+                                  "splits documents over processes: use concat packing")
+            if self.student.tie_embeddings and not self.student.path:
+                raise DistilError("loss.parallel 'vocab' shards the LM head over the processes but keeps the "
+                                  "embedding whole: set student.tie_embeddings: false")
         if self.teacher.source == "api" and self.loss.temperature != 1.0:
             raise DistilError("an API teacher gives log-probs at temperature 1; set loss.temperature = 1")
 

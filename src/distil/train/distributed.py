@@ -62,8 +62,9 @@ def all_reduce_mean(value: float, info: DistInfo, device) -> float:
     return t.item() / info.world_size
 
 
-def parallelize(model: torch.nn.Module, train_cfg, info: DistInfo) -> torch.nn.Module:
-    """Activation checkpointing, torch.compile and DDP / FSDP2, from outside the model."""
+def parallelize(model: torch.nn.Module, train_cfg, info: DistInfo, *, data_parallel: bool = True) -> torch.nn.Module:
+    """Activation checkpointing, torch.compile and DDP / FSDP2, from outside the model.
+    ``data_parallel=False`` (a tensor-parallel head; every rank sees the same batch) wraps neither."""
     if train_cfg.activation_checkpointing:
         from torch.utils.checkpoint import checkpoint
 
@@ -76,7 +77,7 @@ def parallelize(model: torch.nn.Module, train_cfg, info: DistInfo) -> torch.nn.M
         else:
             log.info("compiling the student with torch.compile")
             model = torch.compile(model)
-    if info.world_size == 1:
+    if info.world_size == 1 or not data_parallel:
         return model
     if train_cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard

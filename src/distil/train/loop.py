@@ -86,10 +86,13 @@ def check_vocabularies(tokenizer, student_vocab: int, teacher_vocab: int | None)
     shared_vocab(student_vocab, teacher_vocab)
 
 
-def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, head=None, stream: dict | None = None):
+def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, head=None, stream: dict | None = None,
+                 tp_group=None):
     """ce_weight * CE + kd_weight * KD for one micro-batch (T^2-scaled when configured).
 
     ``student`` may be wrapped (DDP); ``head`` is the plain model's LM head (default: student.lm_head).
+    With ``tp_group`` the head is vocabulary-sharded (each rank's output is its columns of the logits)
+    and the loss is the vocabulary-parallel one (distil.losses.parallel).
     With ``stream`` (stream packing) the student's and a native teacher's states are read from and
     written back to that dict, and the batch carries per-token ``positions``; labels of -100 (padding)
     count in neither term.
@@ -110,6 +113,8 @@ def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, hea
                                                               return_states=True, return_hidden=True)
         teacher = _FixedTeacher(teacher_hidden, teacher.model.lm_head.weight)
     kd_weight = loss_cfg.kd_weight * (loss_cfg.temperature**2 if loss_cfg.t2_scale else 1.0)
+    if tp_group is not None:
+        return _vocab_parallel_loss(hidden, head, teacher, batch, loss_cfg, kd_weight, mask, tp_group)
     if (teacher is None and "teacher_topk" not in batch) or kd_weight == 0:
         if loss_cfg.fused:
             return fused_linear_kd_loss(hidden, head.weight, labels=labels, ce_weight=loss_cfg.ce_weight,
@@ -217,12 +222,12 @@ def train(
     info = init_distributed(cfg.train.device)
     device = info.device
     is_main = info.is_main
-    if cfg.train.batch_size % info.world_size:
+    # loss.parallel = vocab: the LM head is sharded over all processes (tensor parallel), which all
+    # see the same batch; the rest of the student is replicated.
+    tp = cfg.loss.parallel == "vocab" and info.world_size > 1
+    if cfg.train.batch_size % info.world_size and not tp:
         raise DistilError(f"train.batch_size = {cfg.train.batch_size} (the global micro-batch) is not divisible by "
                           f"the {info.world_size} processes")
-    if cfg.loss.parallel == "vocab":
-        raise DistilError("loss.parallel = 'vocab' needs a tensor-parallel (vocabulary-sharded) LM head, which this "
-                          "trainer does not shard; call distil.losses.parallel.vocab_parallel_kd_loss from TP code")
     teacher, tokenizer, data = prepare(cfg, run, teacher=teacher, tokenizer=tokenizer, data=data, info=info)
     if cfg.loss.kd_weight == 0:
         teacher = None
@@ -254,11 +259,21 @@ def train(
                             temperature=cfg.loss.temperature)
     check_vocabularies(tokenizer, student.config.vocab_size, teacher_vocab)
     student.to(device).train()
+    tp_group = None
+    if tp:
+        if teacher_vocab is not None and teacher_vocab != student.config.vocab_size:
+            raise DistilError(f"loss.parallel 'vocab' needs the same vocabulary on both sides: student "
+                              f"{student.config.vocab_size}, teacher {teacher_vocab}")
+        tp_group = shard_lm_head(student, device, info.world_size)
+        if is_main:
+            log.info("LM head sharded over %d processes (vocabulary parallel); loss.parallel = vocab", info.world_size)
+    elif cfg.loss.parallel == "vocab":
+        log.info("loss.parallel = 'vocab' at world size 1 is the plain loss")
     if teacher is not None:
         teacher.to(device)
 
     optimizer = build_optimizer(student, cfg)
-    local_batch = cfg.train.batch_size // info.world_size
+    local_batch = cfg.train.batch_size if tp else cfg.train.batch_size // info.world_size
     streaming = cfg.data.packing == "stream"
     if streaming:
         # Each rank walks its own share of the documents; a row's state flows across its chunks.
@@ -278,7 +293,7 @@ def train(
 
     def restore(path) -> None:
         nonlocal start_step, tokens_seen, history
-        if fsdp and sharded:
+        if sharded:
             state = _load_sharded(path, student, optimizer)
         elif fsdp:  # before sharding: weights now, optimizer state once the optimizer exists
             model_state, state = read_checkpoint(path)
@@ -292,7 +307,7 @@ def train(
             stream.update(state["stream"])
         return state
 
-    sharded, pending_optimizer = False, []
+    sharded, pending_optimizer = tp, []  # a TP head is sharded from the start
     latest = latest_checkpoint(run.checkpoints) if run is not None and resume else None
     if latest is not None:
         state = restore(latest)
@@ -301,7 +316,8 @@ def train(
             log.info("resuming from %s (step %d)", latest, start_step)
             run.truncate_metrics(start_step)
 
-    model = parallelize(student, cfg.train, info)  # DDP / FSDP2 / compile from outside; a no-op at world size 1
+    # DDP / FSDP2 / compile from outside; a no-op at world size 1 (and no data parallelism under TP)
+    model = parallelize(student, cfg.train, info, data_parallel=not tp)
     if fsdp:  # FSDP2 replaced the parameters with sharded ones: the optimizer must hold those
         sharded = True
         optimizer = build_optimizer(student, cfg)
@@ -321,20 +337,24 @@ def train(
         if run is None:
             return
         model_state, optimizer_state = None, None
-        if fsdp:  # every rank takes part in gathering the full state dicts
+        if fsdp or tp:  # every rank takes part in gathering the full state dicts
             model_state, optimizer_state = _gather_full_state(student, optimizer)
         if is_main:
             save_checkpoint(run.checkpoints, step, student,
-                            optimizer_state if fsdp else optimizer.state_dict(), model_state=model_state,
+                            optimizer_state if fsdp or tp else optimizer.state_dict(), model_state=model_state,
                             keep=cfg.train.keep_checkpoints, extra={
                                 "step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
                                 "guard": guard.state_dict(), "history": history, "stream": stream})
         barrier(info)
 
+    def plain_student():
+        """The student itself, or under TP a whole (unsharded) copy; a collective under TP."""
+        return _unsharded_copy(student, device) if tp else student
+
     def validate() -> dict:
         # The global batch size: every world size validates on the same windows.
-        return evaluate_lm(student, data.val_windows, batch_size=cfg.train.batch_size, max_batches=cfg.eval.val_batches,
-                           teacher=teacher, device=device)
+        return evaluate_lm(plain_student(), data.val_windows, batch_size=cfg.train.batch_size,
+                           max_batches=cfg.eval.val_batches, teacher=teacher, device=device)
 
     val: dict = {}
     step = start_step
@@ -355,14 +375,16 @@ def train(
             elif cache is not None:
                 batch = sampler.next_batch(device)
             else:
-                # Every rank draws the same global batch and takes its own slice of it.
-                index = sampler.next_batch()[info.rank * local_batch : (info.rank + 1) * local_batch]
+                # Every rank draws the same global batch and takes its own slice of it (all of it under TP).
+                first = 0 if tp else info.rank * local_batch
+                index = sampler.next_batch()[first : first + local_batch]
                 batch = batch_tensors(data.train_windows, data.train_doc_ids, index, device,
                                       document_attention=cfg.data.document_attention)
                 if api is not None:
                     batch["teacher_topk"] = api.topk(batch["input_ids"], cfg.loss.topk or cfg.teacher.api_topk)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = compute_loss(model, teacher, batch, cfg.loss, head=student.lm_head, stream=stream)
+                loss = compute_loss(model, teacher, batch, cfg.loss, head=student.lm_head, stream=stream,
+                                    tp_group=tp_group)
             if cfg.loss.parallel == "sequence" and info.world_size > 1:
                 # The global token mean: this rank's mean times its share of the counted tokens.
                 # DDP then averages over ranks, so the world size cancels (distil.losses.parallel).
@@ -373,7 +395,7 @@ def train(
             (loss / cfg.train.grad_accum).backward()
             step_loss += loss.item() / cfg.train.grad_accum
         step_loss = all_reduce_mean(step_loss, info, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        grad_norm = clip_grad_norm(params, clip)
         action = guard.check(step_loss, grad_norm)
         if action == "rollback" and run is not None and latest_checkpoint(run.checkpoints) is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -411,7 +433,7 @@ def train(
             run.log(step=step, tokens=tokens_seen, split="train", name="tokens_per_second", value=session_tokens / elapsed)
         is_last = step == cfg.train.steps
         if (cfg.train.val_every and step % cfg.train.val_every == 0) or is_last:
-            if is_main or fsdp:  # a sharded model's forward needs every rank
+            if is_main or fsdp or tp:  # a sharded model's forward (or gathering) needs every rank
                 val = validate()
             if is_main:
                 record.update({f"val_{k}": v for k, v in val.items() if k != "tokens"})
@@ -430,18 +452,19 @@ def train(
         sampler.close()
     if api is not None:
         api.close()
-    if not val and (is_main or fsdp):  # resumed at the last step: nothing trained this session, still report
+    if not val and (is_main or fsdp or tp):  # resumed at the last step: nothing trained this session, still report
         val = validate()
+    whole = plain_student()  # under TP an unsharded copy: results, multiple choice, the final model
     if cfg.eval.multiple_choice and (is_main or fsdp):
         from distil.eval.multiple_choice import load_items, score_multiple_choice
 
-        mc = score_multiple_choice(student, tokenizer, load_items(cfg.eval.multiple_choice), device=device)
+        mc = score_multiple_choice(whole, tokenizer, load_items(cfg.eval.multiple_choice), device=device)
         val.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})
         if run is not None and is_main:
             for name in ("mc_acc", "mc_acc_norm"):
                 run.log(step=cfg.train.steps, tokens=tokens_seen, split="val", name=name, value=val[name])
     seconds = time.perf_counter() - session_start
-    result = TrainResult(student=student, tokenizer=tokenizer, history=history, val=val,
+    result = TrainResult(student=whole, tokenizer=tokenizer, history=history, val=val,
                          tokens_per_second=session_tokens / seconds if seconds > 0 else 0.0, seconds=seconds)
     if run is not None:
         checkpoint(cfg.train.steps)
@@ -449,7 +472,7 @@ def train(
         if is_main:
             from distil.models.io import save_native
 
-            save_native(student, run.checkpoints / "final", tokenizer=tokenizer, state=final_state)
+            save_native(whole, run.checkpoints / "final", tokenizer=tokenizer, state=final_state)
         barrier(info)
     return result
 
@@ -514,8 +537,92 @@ class _CacheFeed:
         return batch
 
 
+def _vocab_parallel_loss(hidden, head, teacher, batch, loss_cfg, kd_weight, mask, group):
+    """The loss of a vocabulary-sharded LM head: each rank has its columns of the student's logits
+    and takes the same columns of the (replicated) teacher's; the parallel losses equal the
+    single-device ones in value and gradient (tests/test_parallel_losses.py)."""
+    from distil.losses.parallel import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_kd_loss,
+        vocab_parallel_topk_kd_loss,
+        vocab_slice,
+    )
+
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    doc_ids, positions = batch.get("attn_doc_ids"), batch.get("positions")
+    logits = head(hidden)  # [batch, seq, this rank's columns]
+    start, end = vocab_slice(logits.shape[-1], group)
+    loss = None
+    if teacher is not None and kd_weight:
+        common = dict(group=group, mask=mask, temperature=loss_cfg.temperature)
+        if loss_cfg.topk:
+            ids, logprobs, tail_lp = teacher_topk(teacher.logits(input_ids, doc_ids, positions), loss_cfg.topk,
+                                                  temperature=loss_cfg.temperature)
+            loss = kd_weight * vocab_parallel_topk_kd_loss(logits, ids, logprobs, loss_cfg.kind, tail=loss_cfg.tail,
+                                                           teacher_tail_logprob=tail_lp, **common)
+        else:
+            head_inputs = teacher.head_inputs(input_ids, doc_ids, positions)
+            if head_inputs is not None:  # only this rank's columns of the teacher's head
+                teacher_hidden, teacher_weight, _ = head_inputs
+                teacher_logits = teacher_hidden @ teacher_weight[start:end].t()
+            else:
+                teacher_logits = teacher.logits(input_ids, doc_ids, positions)[..., start:end]
+            loss = kd_weight * vocab_parallel_kd_loss(logits, teacher_logits, loss_cfg.kind, beta=loss_cfg.beta,
+                                                      skew=loss_cfg.skew, **common)
+    if loss_cfg.ce_weight:
+        ce = loss_cfg.ce_weight * vocab_parallel_cross_entropy(logits, labels, group=group, mask=mask)
+        loss = ce if loss is None else loss + ce
+    return loss
+
+
+def _unsharded_copy(student, device):
+    """A plain copy of a model with sharded (DTensor) parameters; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True))
+    copy = type(student)(student.config)
+    copy.load_state_dict(state)
+    return copy.to(device).train(student.training)
+
+
+def shard_lm_head(student, device: torch.device, world_size: int):
+    """Tensor-parallel LM head: the rows (vocabulary) of ``student.lm_head`` split over the
+    processes with torch's ColwiseParallel; each rank's head returns its columns of the logits and
+    the hidden states' gradient is all-reduced. Returns the process group for the parallel loss."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    if student.config.tie_embeddings:
+        raise DistilError("loss.parallel 'vocab' shards the LM head but keeps the embedding whole: the student's "
+                          "head is tied to its embedding (student.tie_embeddings: false, or an untied checkpoint)")
+    mesh = init_device_mesh(device.type, (world_size,))
+    parallelize_module(student, mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=True)})
+    return mesh.get_group()
+
+
+def clip_grad_norm(params: list, max_norm: float) -> float:
+    """``clip_grad_norm_`` for parameters that may include DTensor shards (a sharded LM head):
+    the squared norms of the shards are summed over their ranks. Returns the total norm."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    squared = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        part = g.detach().double().pow(2).sum()
+        squared += (part.full_tensor() if isinstance(part, DTensor) else part).cpu()
+    total = math.sqrt(squared.item())
+    coef = min(1.0, max_norm / (total + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
 def _gather_full_state(student, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state dicts of an FSDP2 model, on CPU; a collective."""
+    """Full (unsharded) model and optimizer state dicts of an FSDP2 or TP model, on CPU; a collective."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -527,7 +634,7 @@ def _gather_full_state(student, optimizer) -> tuple[dict, dict]:
 
 
 def _load_sharded(path, student, optimizer) -> dict:
-    """Roll an FSDP2 model and its optimizer back to a checkpoint, in place."""
+    """Roll an FSDP2 or TP model and its optimizer back to a checkpoint, in place."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
