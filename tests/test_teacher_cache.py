@@ -225,7 +225,9 @@ def test_training_on_a_cache_equals_the_online_teacher_at_the_same_k(world):
     # Each stored log-prob is within 0.01 nats, so each token's KL moves by at most ~0.01.
     np.testing.assert_allclose(_losses(compact), _losses(online), atol=0.012)
     unfused = train(cfg(teacher={"source": "cache", "cache": str(world["caches"]["exact"])}, loss={"fused": False}))
-    np.testing.assert_allclose(_losses(unfused), _losses(online), rtol=1e-5)
+    # Fused and unfused take the head's product in different orders (fused.head_logits): fp32 rounding
+    # only, compounded over the steps.
+    np.testing.assert_allclose(_losses(unfused), _losses(online), rtol=1e-4)
     for kind in ("reverse_kl", "soft_ce"):
         ref = train(cfg(loss={"topk": 16, "kind": kind, "ce_weight": 0.5}))
         got = train(cfg(teacher={"source": "cache", "cache": str(world["caches"]["exact"])},
