@@ -147,7 +147,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: b
         result.student.save(run.checkpoints / name)
         evaluate(name, label, result.student, teacher, result)
 
-    hybrids = run_hybrid_demo(run, settings, teacher, data, say)
+    hybrids = run_hybrid_demo(run, settings, teacher, tokenizer, data, say)
     report = write_report(run, settings, results, histories, quick=quick, seconds=time.perf_counter() - started,
                           hybrids=hybrids)
     run.mark_complete({"results": results, "hybrids": hybrids, "quick": quick})
@@ -166,7 +166,7 @@ def decode_speed(model, *, context: int, new_tokens: int, vocab: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def run_hybrid_demo(run: RunDir, settings: DemoSettings, teacher: Teacher, data, say) -> dict:
+def run_hybrid_demo(run: RunDir, settings: DemoSettings, teacher: Teacher, tokenizer, data, say) -> dict:
     """Convert the teacher to a 50% Mamba2 hybrid with MIL and with random init; distil both with reverse KL."""
     from distil.hybrid import hybridize, select_layers
 
@@ -188,7 +188,7 @@ def run_hybrid_demo(run: RunDir, settings: DemoSettings, teacher: Teacher, data,
         cfg.train.progress = False
         say(f"hybrid ({init} init): KL to teacher {before['kl_to_teacher']:.3f} before; distilling {settings.hybrid_steps} "
             "steps with reverse KL")
-        result = train(cfg, tokenizer=None, data=data, teacher=teacher, student=hybrid, desc=f"hybrid-{init}")
+        result = train(cfg, tokenizer=tokenizer, data=data, teacher=teacher, student=hybrid, desc=f"hybrid-{init}")
         after = evaluate_lm(result.student, data.val_windows, batch_size=settings.batch_size, teacher=teacher,
                             max_batches=settings.val_batches)  # the same held-out batches as "before"
         speed = decode_speed(result.student, context=settings.decode_context, new_tokens=settings.decode_tokens, vocab=vocab)
