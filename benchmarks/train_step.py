@@ -8,7 +8,7 @@ One step = teacher forward, student forward and backward, the KD loss, an AdamW 
 
 * hand-written: transformers LlamaForCausalLM teacher and student, `student(ids).logits`,
   `teacher(ids).logits`, log_softmax + KL on the materialised [tokens x vocab] logits (eager).
-* distil: the same weights loaded into distil's TransformerLM (bit-exact with transformers), the
+* distil: the same weights copied into distil's TransformerLM (bit-exact with transformers), the
   teacher's hidden states only, and the fused LM-head + loss (never materialising logits).
 
 Each variant runs in its own subprocess; peak memory is the extra resident memory over the models
@@ -36,7 +36,7 @@ def run_one(args) -> dict:
     import transformers
 
     from distil.losses import fused_linear_kd_loss
-    from distil.models.hf import load_hf
+    from distil.models import TransformerLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -47,14 +47,24 @@ def run_one(args) -> dict:
                                        tie_word_embeddings=False)
         return transformers.LlamaForCausalLM(cfg)
 
-    import tempfile
+    def to_distil(hf_model):
+        """The same weights in distil's TransformerLM (what load_hf does, without the disk)."""
+        from distil.models.hf import model_config_from_hf
+        from distil.models.io import load_state
 
-    tmp = tempfile.mkdtemp()
-    teacher_hf, student_hf = llama(args.teacher_d_model, args.teacher_layers, 8), llama(args.d_model, args.layers, 8)
+        with torch.device(device):
+            model = TransformerLM(model_config_from_hf(hf_model.config.to_dict()))
+        state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
+        load_state(model, state, source="transformers model")
+        return model
+
+    with torch.device(device):  # built where they run: a 128k-vocabulary model initialises slowly on CPU
+        teacher_hf = llama(args.teacher_d_model, args.teacher_layers, 8)
+        student_hf = llama(args.d_model, args.layers, 8)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
     if args.one == "handwritten":
-        teacher, student = teacher_hf.to(device).eval(), student_hf.to(device).train()
+        teacher, student = teacher_hf.eval(), student_hf.train()
 
         def step():
             with torch.no_grad():
@@ -64,9 +74,8 @@ def run_one(args) -> dict:
                             log_target=True, reduction="none").sum(-1).mean()
             loss.backward()
     else:
-        teacher_hf.save_pretrained(tmp + "/t")
-        student_hf.save_pretrained(tmp + "/s")
-        teacher, student = load_hf(tmp + "/t").to(device).eval(), load_hf(tmp + "/s").to(device).train()
+        teacher, student = to_distil(teacher_hf).eval(), to_distil(student_hf).train()
+        del teacher_hf, student_hf
 
         def step():
             with torch.no_grad():
