@@ -135,7 +135,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVBuffer(tuple):
-    """An attention layer's (k, v) cache as views of buffers preallocated to ``capacity`` positions.
+    """An attention layer's (k, v) cache as views of the first ``length`` positions of preallocated buffers.
 
     Decoding appends each new key in place instead of concatenating (a fresh allocation of the whole
     cache per token and layer). One buffer serves one line of decoding: continuing two branches from
