@@ -16,19 +16,24 @@ import torch
 from distil.models.ssm import SSMState
 
 
-def empty_states(model, batch: int, device=None) -> list:
-    """Per-layer states with nothing cached (KV of length 0 with a per-row valid count)."""
+def _per_layer(model, batch: int, device, attention_state) -> list:
+    """One state per layer: ``attention_state(shape, device, dtype)`` for attention layers (shape
+    [batch, kv_heads, length, head_dim] without the length), the SSM mixers' zero state otherwise."""
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     cfg = model.config
-    states = []
-    for layer in model.layers:
-        if layer.kind == "A":
-            empty = torch.zeros(batch, cfg.n_kv_heads, 0, cfg.head_dim, device=device, dtype=dtype)
-            states.append((empty, empty.clone(), torch.zeros(batch, dtype=torch.long, device=device)))
-        else:
-            states.append(layer.mamba.empty_state(batch, device=device, dtype=dtype))
-    return states
+    return [attention_state((batch, cfg.n_kv_heads, cfg.head_dim), device, dtype) if layer.kind == "A"
+            else layer.mamba.empty_state(batch, device=device, dtype=dtype) for layer in model.layers]
+
+
+def empty_states(model, batch: int, device=None) -> list:
+    """Per-layer states with nothing cached (KV of length 0 with a per-row valid count)."""
+
+    def empty(shape, device, dtype):
+        kv = torch.zeros(shape[0], shape[1], 0, shape[2], device=device, dtype=dtype)
+        return kv, kv.clone(), torch.zeros(shape[0], dtype=torch.long, device=device)
+
+    return _per_layer(model, batch, device, empty)
 
 
 def preallocated_states(model, batch: int, max_len: int, device=None) -> list:
@@ -37,18 +42,11 @@ def preallocated_states(model, batch: int, max_len: int, device=None) -> list:
     Outputs equal those with ``states=None``; generation uses this."""
     from distil.models.transformer import KVBuffer
 
-    device = device or next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    cfg = model.config
-    states = []
-    for layer in model.layers:
-        if layer.kind == "A":
-            shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-            states.append(KVBuffer(torch.empty(shape, device=device, dtype=dtype),
-                                   torch.empty(shape, device=device, dtype=dtype), 0))
-        else:
-            states.append(layer.mamba.empty_state(batch, device=device, dtype=dtype))
-    return states
+    def buffers(shape, device, dtype):
+        full = (shape[0], shape[1], max_len, shape[2])
+        return KVBuffer(torch.empty(full, device=device, dtype=dtype), torch.empty(full, device=device, dtype=dtype), 0)
+
+    return _per_layer(model, batch, device, buffers)
 
 
 def carry(states: list, *, reset: torch.Tensor | None = None, kv_window: int | None = None) -> list:
