@@ -254,3 +254,19 @@ def test_vocab_parallel_head_under_torchrun_trains_like_one_process(tmp_path, ti
     assert sorted(b) == list(range(1, 13))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+
+
+def test_vocab_parallel_head_with_online_topk_trains_like_one_process(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    """loss.topk under a sharded head: each rank owns the top-k entries in its columns."""
+    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=3, checkpoint_every=0)
+    sets = sum([["--set", o] for o in ("student.tie_embeddings=false", "loss.topk=8", "loss.kind=forward_kl")], [])
+    out = _train(cfg, tmp_path / "single", *sets)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "distil", "train", str(cfg), "--run-dir", str(tmp_path / "double"), *sets, "--set",
+                          "loss.parallel=vocab"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "double")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
