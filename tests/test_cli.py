@@ -155,3 +155,63 @@ def test_hybridize_generate_and_export_a_hybrid(tmp_path, tiny_tokenizer, tiny_c
                        "already exists")
     _assert_user_error(distil("hybridize", str(tmp_path / "teacher"), "--out", str(tmp_path / "h2"), "--layers", "9"),
                        "not all attention layers")
+
+
+def _state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_train_converts_in_stages_and_an_interrupted_run_continues(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    """hybrid.stages: 1 -> 2 -> 3 of 4 layers, each stage distilled in its own folder. A run cut off in
+    its last stage (after a checkpoint) continues to the same final model as the uninterrupted run."""
+    torch.manual_seed(0)
+    teacher = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=4, n_heads=2))
+    teacher.save(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(str(tmp_path / "teacher"))
+    run = tmp_path / "run"
+    args = ["train", "configs/hybrid-progressive.yaml", "--set", f"teacher.path={tmp_path / 'teacher'}",
+            "--set", "data.source=jsonl", "--set", f"data.path={tiny_corpus_file}", "--set", "data.seq_len=32",
+            "--set", "data.val_fraction=0.2", "--set", "train.steps=4", "--set", "train.checkpoint_every=2",
+            "--set", "train.batch_size=4", "--set", "train.val_every=0", "--set", "train.progress=false",
+            "--set", "hybrid.d_state=8", "--set", "hybrid.chunk_size=16", "--set", "hybrid.score_samples=4",
+            "--run-dir", str(run)]
+    out = distil(*args)
+    assert out.returncode == 0, out.stderr
+    stages = json.loads((run / "stages.json").read_text())
+    assert [s["num_ssm"] for s in stages] == [1, 2, 3]
+    for earlier, later in zip(stages, stages[1:]):  # trained SSM layers stay SSM
+        assert set(earlier["ssm_layers"]) < set(later["ssm_layers"])
+    assert [s["pattern"].count("M") for s in stages] == [1, 2, 3]
+    assert all("kl_to_teacher" in s["before"] and "kl_to_teacher" in s["after"] for s in stages)
+    scores = json.loads((run / "layer_scores.json").read_text())
+    assert len(scores["scores"]) == 4
+    for name in ("report.md", "summary.json", "plots/stages.png", "checkpoints/final/model.safetensors",
+                 "checkpoints/final/tokenizer.json", "stage-1/report.md", "stage-3/checkpoints/final/config.json"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "checkpoints/final/config.json").read_text())["pattern"] == stages[-1]["pattern"]
+    final = _state(run / "checkpoints/final")
+
+    # Cut off during stage 3 after its step-2 checkpoint: the run continues from there.
+    import shutil
+
+    stage3 = run / "stage-3"
+    for gone in ("summary.json", "checkpoints/final", "checkpoints/step_00000004", "report.md"):
+        target = stage3 / gone
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for gone in ("summary.json", "stages.json", "checkpoints/final"):
+        target = run / gone
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    again = distil(*args)
+    assert again.returncode == 0, again.stderr
+    assert "stage 1/3 (1 SSM layers) already done" in again.stderr and "resuming from" in again.stderr
+    resumed = _state(run / "checkpoints/final")
+    assert resumed.keys() == final.keys()
+    for key in final:
+        torch.testing.assert_close(resumed[key], final[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert json.loads((run / "stages.json").read_text())[:2] == stages[:2]
+
+    _assert_user_error(distil(*args[:-2], "--set", "hybrid.stages=[1, 9]", "--run-dir", str(tmp_path / "r2")),
+                       "ends at 9 SSM layers", "4 attention layers")
+    assert not (tmp_path / "r2").exists()  # refused before anything was written

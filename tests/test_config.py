@@ -72,6 +72,22 @@ def test_vocab_parallel_head_needs_an_untied_head_and_concat_packing():
     assert load_config(None, [*base, "student.tie_embeddings=false"]).loss.parallel == "vocab"
 
 
+def test_hybrid_stages_are_checked():
+    base = ["teacher.path=t"]
+    assert load_config(None, [*base, "hybrid.stages=[1, 5, 25, 45]"]).hybrid.stages == [1, 5, 25, 45]
+    assert load_config(None, [*base, "hybrid.layers=[3, 1]"]).hybrid.stages == [2]  # explicit layers: one stage
+    for override, message in [("hybrid.stages=[5, 5]", "increasing"), ("hybrid.stages=[0, 2]", "increasing"),
+                              ("hybrid.layers=[1, 1]", "distinct"), ("hybrid.placement=middle", "hybrid.placement"),
+                              ("hybrid.mixer=mamba3", "hybrid.mixer"), ("hybrid.init=zeros", "hybrid.init"),
+                              ("hybrid.d_state=0", "hybrid.d_state")]:
+        with pytest.raises(DistilError, match=message):
+            load_config(None, [*base, override])
+    with pytest.raises(DistilError, match="one stage"):
+        load_config(None, [*base, "hybrid.layers=[1, 2]", "hybrid.stages=[1, 2]"])
+    with pytest.raises(DistilError, match="student.path"):  # nothing to convert
+        load_config(None, ["teacher.source=none", "loss.kd_weight=0", "loss.ce_weight=1", "hybrid.stages=[1]"])
+
+
 def test_jsd_beta_endpoints_rejected_in_config():
     with pytest.raises(DistilError, match="reverse_kl"):
         load_config(None, ["loss.kind=jsd", "loss.beta=0", "teacher.path=x"])
@@ -101,7 +117,7 @@ def test_docs_mention_every_config_field():
     text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
     for section in dataclasses.fields(Config):
         assert f"## {section.name}" in text, section.name
-    for cls in (c.TeacherConfig, c.StudentConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.EvalConfig, c.OutputConfig):
+    for cls in (c.TeacherConfig, c.StudentConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.EvalConfig, c.HybridConfig, c.OutputConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in text, f"{cls.__name__}.{f.name} is not documented in docs/config.md"
     for preset in PRESETS:

@@ -29,6 +29,11 @@ def test_demo_pipeline_writes_an_honest_report(tmp_path):
 
     AutoTokenizer.from_pretrained(str(tmp_path / "demo" / "tokenizer"))
     assert load(tmp_path / "demo" / "checkpoints" / "forward_kl").num_parameters() == results["forward_kl"]["params"]
+    # Checkpoints carry the tokenizer, so configs/debug-kd.yaml can use the demo's teacher as it is.
+    from distil.data.tokenize import has_tokenizer
+
+    for name in ("teacher", "forward_kl", "hybrid_mil"):
+        assert has_tokenizer(tmp_path / "demo" / "checkpoints" / name), name
 
 
 def test_verdict_reports_a_loss_for_distillation_too():

@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="distil a student as a YAML config describes",
         description="Train a student from a YAML config (see configs/ and docs/config.md). Writes the run folder "
-        "<output.run_dir>/<name>/ with config.yaml, metrics.jsonl, checkpoints/, report.md and plots/.",
+        "<output.run_dir>/<name>/ with config.yaml, metrics.jsonl, checkpoints/, report.md and plots/. With a "
+        "hybrid: section (hybrid.stages, e.g. [1, 5, 25, 45]) it converts attention layers of the teacher (or "
+        "student.path) into SSM layers in stages and distils each stage in <run>/stage-N/ "
+        "(configs/hybrid-progressive.yaml, docs/models.md).",
     )
     p.add_argument("config", help="YAML config file, e.g. configs/debug.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -264,7 +267,13 @@ def cmd_train(args) -> None:
     run_path = Path(args.run_dir) if args.run_dir else Path(cfg.output.run_dir) / (cfg.output.name or "run")
     existed = run_path.exists()
     overwrite = args.overwrite or cfg.output.overwrite
-    resume = not overwrite and latest_checkpoint(run_path / "checkpoints") is not None
+    staged = bool(cfg.hybrid.stages)
+    if staged:
+        from distil.train.stages import has_stages
+
+        resume = not overwrite and run_path.exists() and has_stages(run_path)
+    else:
+        resume = not overwrite and latest_checkpoint(run_path / "checkpoints") is not None
     if args.resume and not resume:
         raise DistilError(f"--resume: {run_path} has no checkpoint to resume from")
     if info.is_main:
@@ -279,14 +288,27 @@ def cmd_train(args) -> None:
     elif cfg.output.tensorboard or cfg.output.wandb_project:
         run.add_sinks(tensorboard=cfg.output.tensorboard, wandb_project=cfg.output.wandb_project, config=cfg.to_dict())
     try:
-        result = train(cfg, run=run, resume=resume)
+        if staged:
+            from distil.train.stages import train_in_stages
+
+            _, records = train_in_stages(cfg, run)
+        else:
+            result = train(cfg, run=run, resume=resume)
     except DistilError:
         run.close()
-        if info.is_main and not existed and not run.metrics_path.exists():
+        started = run.metrics_path.exists() or (staged and has_stages(run.path))
+        if info.is_main and not existed and not started:
             import shutil
 
             shutil.rmtree(run.path, ignore_errors=True)  # bad input before the first step: leave nothing behind
         raise
+    if staged:
+        if info.is_main:
+            last = records[-1]
+            run.mark_complete({"stages": records, "final_val": last["after"]})
+            log.info("done: %d stage(s), pattern %s, held-out loss %.4f; run folder %s; report %s", len(records),
+                     last["pattern"], last["after"]["loss"], run.path, run.path / "report.md")
+        return
     if info.is_main:
         report = write_run_report(run, cfg, result)
         run.mark_complete({"final_val": result.val, "steps": result.history[-1]["step"] if result.history else 0,

@@ -230,6 +230,45 @@ class EvalConfig:
 
 
 @dataclass
+class HybridConfig:
+    """Convert a model into an attention / SSM hybrid while training, in stages (docs/models.md).
+
+    With ``stages`` set, ``distil train`` takes ``student.path`` (else the teacher's checkpoint),
+    turns ``stages[0]`` of its attention layers into SSM layers, distils for ``train.steps`` steps,
+    then goes on to ``stages[1]`` layers from that trained model, and so on. One stage is one-shot
+    conversion. The ``student`` architecture keys are then unused.
+    """
+
+    stages: list[int] = field(default_factory=list)  # SSM layers after each stage, e.g. [1, 5, 25, 45]; []: off
+    placement: str = "uniform"  # uniform | importance | first | last
+    layers: list[int] | None = None  # an explicit layer list instead (one stage of that many layers)
+    score: str = "mil"  # importance score: mil (KL with the layer as its MIL SSM) | leave_one_out
+    score_samples: int = 16  # held-out windows the layers are scored on
+    mixer: str = "mamba2"  # mamba2 | discrete_mamba2
+    init: str = "mil"  # mil (from the attention weights) | random, for newly converted layers
+    d_state: int = 16
+    expand: float | None = None  # d_inner / d_model; None: n_heads * head_dim / d_model
+    chunk_size: int = 128  # SSD scan chunk
+
+    def __post_init__(self):
+        if self.layers is not None:
+            if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+                raise DistilError(f"hybrid.layers = {self.layers!r} should list distinct layer indices >= 0")
+            if self.stages and self.stages != [len(self.layers)]:
+                raise DistilError("hybrid.layers fixes one stage; leave hybrid.stages empty or set it to "
+                                  f"[{len(self.layers)}]")
+            self.stages = [len(self.layers)]
+        if any(n <= 0 for n in self.stages) or any(b <= a for a, b in zip(self.stages, self.stages[1:])):
+            raise DistilError(f"hybrid.stages = {self.stages!r} should be increasing positive numbers of SSM layers")
+        _check_choice("hybrid", "placement", self.placement, ("uniform", "importance", "first", "last"))
+        _check_choice("hybrid", "score", self.score, ("mil", "leave_one_out"))
+        _check_choice("hybrid", "mixer", self.mixer, ("mamba2", "discrete_mamba2"))
+        _check_choice("hybrid", "init", self.init, ("mil", "random"))
+        for name in ("score_samples", "d_state", "expand", "chunk_size"):
+            _check_positive("hybrid", name, getattr(self, name))
+
+
+@dataclass
 class OutputConfig:
     """Where the run folder goes."""
 
@@ -248,6 +287,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
@@ -274,6 +314,12 @@ class Config:
             if self.student.tie_embeddings and not self.student.path:
                 raise DistilError("loss.parallel 'vocab' shards the LM head over the processes but keeps the "
                                   "embedding whole: set student.tie_embeddings: false")
+        if self.hybrid.stages:
+            if not self.student.path and self.teacher.source != "model":
+                raise DistilError("hybrid.stages converts student.path or the teacher's checkpoint: set student.path, "
+                                  "or use teacher.source 'model'")
+            if self.loss.parallel == "vocab":
+                raise DistilError("hybrid.stages cannot be combined with loss.parallel 'vocab' yet")
         if self.teacher.source == "api" and self.loss.temperature != 1.0:
             raise DistilError("an API teacher gives log-probs at temperature 1; set loss.temperature = 1")
 

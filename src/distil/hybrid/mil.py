@@ -115,16 +115,24 @@ def _fresh_mixer(kind: str, d_model: int, settings: dict, device, dtype) -> nn.M
 
 
 def hybridize(model: TransformerLM, ssm_layers, mixer: str = "mamba2", init: str = "mil", *, d_state: int = 16,
-              expand: float | None = None, d_conv: int = 4, chunk_size: int = 128, seed: int = 0) -> TransformerLM:
+              expand: float | None = None, d_conv: int = 4, chunk_size: int = 128, seed: int = 0,
+              attention_from: TransformerLM | None = None) -> TransformerLM:
     """A copy of ``model`` whose layers ``ssm_layers`` use an SSM mixer instead of attention.
 
-    Layers already SSM in ``model`` are kept as they are (trained SSM layers carry over).
+    Layers already SSM in ``model`` are kept as they are (trained SSM layers carry over). MIL reads
+    the attention weights of ``attention_from`` (same shapes; default ``model`` itself), so that a
+    progressive stage can take MIL from the original model while the rest comes from the last stage.
     """
     if init not in ("mil", "random"):
         raise DistilError(f"init {init!r} should be 'mil' or 'random'")
     if mixer not in MIXERS:
         raise DistilError(f"unknown mixer {mixer!r}; choose one of {', '.join(MIXERS)}")
     cfg = model.config
+    source = attention_from if attention_from is not None else model
+    shape = lambda c: (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim)  # noqa: E731
+    if shape(source.config) != shape(cfg):
+        raise DistilError(f"attention_from (layers, d_model, heads, kv heads, head_dim) = {shape(source.config)} "
+                          f"differs from the model's {shape(cfg)}")
     ssm_layers = sorted(set(int(i) for i in ssm_layers))
     bad = [i for i in ssm_layers if not 0 <= i < cfg.n_layers]
     if bad:
@@ -146,10 +154,10 @@ def hybridize(model: TransformerLM, ssm_layers, mixer: str = "mamba2", init: str
             block: Block = new.layers[i]
             fresh = _fresh_mixer(letter, cfg.d_model, settings, param.device, param.dtype)
             if init == "mil":
-                mil_init(fresh, block.self_attn, cfg)
-            del block.self_attn
-            block.mamba = fresh
-            block.kind = letter
+                if source.config.pattern[i] != "A":
+                    raise DistilError(f"layer {i} of attention_from is not an attention layer: no weights for MIL")
+                mil_init(fresh, source.layers[i].self_attn if source is not model else block.self_attn, cfg)
+            block.set_mixer(letter, fresh)
             pattern[i] = letter
     finally:
         torch.random.set_rng_state(generator_state)

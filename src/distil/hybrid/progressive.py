@@ -8,7 +8,10 @@ trained mixers, newly converted layers get MIL from the teacher's attention, and
 (MLPs, norms, remaining attention) carries the previous stage's trained weights. ``distil_stage``
 trains it (for example :func:`distil.train.loop.train` with reverse KL) and returns the trained
 model. ``train_only_ssm=True`` freezes everything but the SSM mixers. A single stage is one-shot
-conversion.
+conversion; ``init="random"`` starts the newly converted layers at random instead of MIL.
+
+``distil train`` runs this recipe from a config's ``hybrid:`` section (distil/train/stages.py), with
+a run folder per stage and resumption.
 
 The lab report in the source documents found that initialising from an earlier hybrid's trained
 layers sped up the start of each stage.
@@ -40,14 +43,19 @@ def freeze_all_but_ssm(model) -> None:
 
 
 def convert_progressively(teacher, stages: list[int], distil_stage: Callable, *, strategy="uniform", data=None,
-                          mixer: str = "mamba2", d_state: int = 16, train_only_ssm: bool = False,
+                          mixer: str = "mamba2", d_state: int = 16, train_only_ssm: bool = False, init: str = "mil",
+                          scores: dict[int, float] | None = None, score: str = "mil",
                           **hybrid_kwargs) -> list[Stage]:
-    """Run the stage list; returns each stage's selection and trained model."""
+    """Run the stage list; returns each stage's selection and trained model.
+
+    ``scores`` (from :func:`~distil.hybrid.placement.layer_scores`) skips the scoring pass;
+    ``distil_stage(student, selection)`` returns the trained student.
+    """
     if not stages or any(b <= a for a, b in zip(stages, stages[1:])):
         raise DistilError(f"stages {stages} should be increasing numbers of SSM layers")
-    scores = None
-    if strategy in ("importance", "uniform"):
-        scores = select_layers(teacher, 0, strategy, data, mixer=mixer, d_state=d_state).scores
+    if scores is None and strategy in ("importance", "uniform"):
+        scores = select_layers(teacher, 0, strategy, data, score=score, mixer=mixer, d_state=d_state,
+                               **hybrid_kwargs).scores
     previous_layers: set[int] = set()
     current = teacher
     results = []
@@ -59,14 +67,10 @@ def convert_progressively(teacher, stages: list[int], distil_stage: Callable, *,
             extra = sorted(layers - previous_layers, key=lambda i: (scores or {}).get(i, 0.0))
             layers = previous_layers | set(extra[: num_ssm - len(previous_layers)])
             selection = LayerSelection(sorted(layers), selection.strategy, selection.scores, selection.score_kind)
-        student = hybridize(current, sorted(layers - previous_layers), mixer=mixer, init="mil", d_state=d_state,
-                            **hybrid_kwargs)
         # Newly converted layers take MIL from the *teacher's* attention (the previous stage may have
         # trained that attention further; the teacher's is what MIL is defined on).
-        fresh_from_teacher = hybridize(teacher, sorted(layers - previous_layers), mixer=mixer, init="mil",
-                                       d_state=d_state, **hybrid_kwargs)
-        for i in layers - previous_layers:
-            student.layers[i].mamba.load_state_dict(fresh_from_teacher.layers[i].mamba.state_dict())
+        student = hybridize(current, sorted(layers - previous_layers), mixer=mixer, init=init, d_state=d_state,
+                            attention_from=teacher, **hybrid_kwargs)
         if train_only_ssm:
             freeze_all_but_ssm(student)
         current = distil_stage(student, selection)

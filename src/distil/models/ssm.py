@@ -284,7 +284,7 @@ def _fast_scan(x, dt, A, B, C, chunk_size, initial):  # pragma: no cover - CUDA 
     y, final = mamba_chunk_scan_combined(x.contiguous(), dt.to(x.dtype).contiguous(), A, B.contiguous(), C.contiguous(),
                                          chunk_size, initial_states=None if initial is None else initial.to(x.dtype),
                                          return_final_states=True)
-    return y.float(), final.float()
+    return _fp(y, x), _fp(final, x)
 
 
 def _fast_conv_step(xbc, conv1d, conv_state):  # pragma: no cover - CUDA with causal_conv1d only
@@ -304,7 +304,7 @@ def _fast_ssm_step(mixer, xbc_act, dt, ssm_state):  # pragma: no cover - CUDA wi
     batch, heads, p, n = xbc_act.shape[0], mixer.n_heads, mixer.head_dim, mixer.d_state
     x, B, C = xbc_act.split([mixer.d_inner, mixer.n_groups * n, mixer.n_groups * n], dim=-1)
     ssm = ssm_state.clone()
-    A = -torch.exp(mixer.A_log.float())[:, None, None].expand(heads, p, n)
+    A = -torch.exp(_fp(mixer.A_log, xbc_act))[:, None, None].expand(heads, p, n)
     y = selective_state_update(ssm, x.reshape(batch, heads, p), dt[..., None].expand(batch, heads, p),
                                A, B.reshape(batch, mixer.n_groups, n), C.reshape(batch, mixer.n_groups, n),
                                D=mixer.D[:, None].expand(heads, p), dt_bias=mixer.dt_bias[:, None].expand(heads, p),

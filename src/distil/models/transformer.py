@@ -262,6 +262,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+    def set_mixer(self, kind: str, mixer: nn.Module) -> None:
+        """Swap in another mixer, keeping the module (so parameter) order of a block built as ``kind``:
+        optimizer states and checkpoints of a converted model then line up with the same model
+        loaded from disk."""
+        modules = {name: module for name, module in self._modules.items() if name not in ("self_attn", "mamba")}
+        norm = modules.pop("input_layernorm")
+        self._modules.clear()
+        self._modules.update({"input_layernorm": norm, "self_attn" if kind == "A" else "mamba": mixer, **modules})
+        self.kind = kind
+
     def forward(self, x, cos, sin, *, doc_ids=None, state=None):
         h = self.input_layernorm(x)
         if self.kind == "A":
@@ -338,10 +348,11 @@ class TransformerLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Native checkpoints: config.json + model.safetensors, reloaded exactly by distil.models.load.
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, tokenizer=None) -> None:
+        """config.json + model.safetensors (and the tokenizer's files when given), written atomically."""
         from distil.models.io import save_native
 
-        save_native(self, path)
+        save_native(self, path, tokenizer=tokenizer)
 
     @classmethod
     def from_hf(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> TransformerLM:
