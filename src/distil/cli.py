@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn attention layers of a model into Mamba2 / discrete Mamba2 layers (MIL init)",
         description="Convert some attention layers of a model (distil checkpoint or transformers Llama/Qwen2/Mistral) "
         "into SSM layers initialised from the attention weights (MIL) or at random, and save the hybrid with its "
-        "tokenizer and the layer scores. Distil it afterwards with `distil train` and student.path pointing here.",
+        "tokenizer and the layer scores. Distil it afterwards with `distil train` and student.path pointing here "
+        "(or let `distil train` convert and distil in stages with a hybrid: section, configs/hybrid-progressive.yaml).",
     )
     p.add_argument("model", help="checkpoint directory (with its tokenizer)")
     p.add_argument("--out", required=True, help="output directory for the hybrid")

@@ -111,12 +111,14 @@ def train_in_stages(cfg, run: RunDir) -> tuple[TrainResult | None, list[dict]]:
         if (path / "summary.json").is_file():
             done = json.loads((path / "summary.json").read_text())
             records.append(done["stage"])
-            log.info("stage %d/%d (%d SSM layers) already done: loading %s", k, n, record["num_ssm"], path)
+            if info.is_main:
+                log.info("stage %d/%d (%d SSM layers) already done: loading %s", k, n, record["num_ssm"], path)
             return load(path / "checkpoints" / "final", device=device)
         before = evaluate_lm(student.to(device), data.val_windows, batch_size=cfg.train.batch_size,
                              max_batches=cfg.eval.val_batches, teacher=teacher, device=device)
-        log.info("stage %d/%d: %d SSM layers %s, pattern %s; held-out loss %.4f before training", k, n,
-                 record["num_ssm"], selection.ssm_layers, student.config.pattern, before["loss"])
+        if info.is_main:
+            log.info("stage %d/%d: %d SSM layers %s, pattern %s; held-out loss %.4f before training", k, n,
+                     record["num_ssm"], selection.ssm_layers, student.config.pattern, before["loss"])
         stage_run = _open_stage(path, info)
         result = train(cfg, run=stage_run, teacher=teacher, tokenizer=tokenizer, data=data, student=student,
                        desc=f"stage {k}/{n} ({record['num_ssm']} SSM)")
