@@ -266,7 +266,7 @@ class GatedRMSNorm(nn.Module):
         return self.weight * grouped.view(y.shape).to(dtype)
 
 
-def _fast_conv(xbc, conv1d, state):  # pragma: no cover - CUDA with causal_conv1d only
+def _fast_conv(xbc, conv1d, state):  # CUDA with causal_conv1d; on CPU in tests/test_fast_path_glue.py
     from causal_conv1d import causal_conv1d_fn
 
     seq = xbc.transpose(1, 2)
@@ -278,7 +278,7 @@ def _fast_conv(xbc, conv1d, state):  # pragma: no cover - CUDA with causal_conv1
     return out.transpose(1, 2), full[..., -(kernel - 1):]
 
 
-def _fast_scan(x, dt, A, B, C, chunk_size, initial):  # pragma: no cover - CUDA with mamba_ssm only
+def _fast_scan(x, dt, A, B, C, chunk_size, initial):  # CUDA with mamba_ssm; on CPU in tests/test_fast_path_glue.py
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     y, final = mamba_chunk_scan_combined(x.contiguous(), dt.to(x.dtype).contiguous(), A, B.contiguous(), C.contiguous(),
@@ -287,7 +287,7 @@ def _fast_scan(x, dt, A, B, C, chunk_size, initial):  # pragma: no cover - CUDA 
     return _fp(y, x), _fp(final, x)
 
 
-def _fast_conv_step(xbc, conv1d, conv_state):  # pragma: no cover - CUDA with causal_conv1d only
+def _fast_conv_step(xbc, conv1d, conv_state):  # CUDA with causal_conv1d; on CPU in tests/test_fast_path_glue.py
     """One token through causal_conv1d_update (which updates its state in place: a copy keeps the
     caller's state as it was, as the reference does)."""
     from causal_conv1d import causal_conv1d_update
@@ -297,7 +297,7 @@ def _fast_conv_step(xbc, conv1d, conv_state):  # pragma: no cover - CUDA with ca
     return out, conv
 
 
-def _fast_ssm_step(mixer, xbc_act, dt, ssm_state):  # pragma: no cover - CUDA with mamba_ssm only
+def _fast_ssm_step(mixer, xbc_act, dt, ssm_state):  # CUDA with mamba_ssm; on CPU in tests/test_fast_path_glue.py
     """One token through mamba_ssm's selective_state_update (in place on a copy of the state)."""
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
