@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from distil.errors import DistilError
+from distil.gguf import resolve_model_path
 
 EOS = "<|endoftext|>"
 
@@ -45,6 +46,7 @@ def train_bpe_tokenizer(docs: list[str], vocab_size: int, out_dir: str | Path | 
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
@@ -54,7 +56,7 @@ def load_tokenizer(path: str | Path):
 
 
 def has_tokenizer(path: str | Path) -> bool:
-    path = Path(path)
+    path = Path(resolve_model_path(path))
     return path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 

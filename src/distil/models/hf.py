@@ -16,6 +16,7 @@ import torch
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
+from distil.gguf import resolve_model_path
 from distil.models.io import load_state, read_safetensors
 from distil.models.transformer import ModelConfig, TransformerLM
 
@@ -23,7 +24,9 @@ SUPPORTED = ("llama", "qwen2", "mistral")
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A local directory as is; otherwise download the hub repo's config, weights and tokenizer."""
+    """A local directory as is (a GGUF file converted once); otherwise download the hub repo's
+    config, weights and tokenizer."""
+    path = resolve_model_path(path)
     local = Path(path)
     if local.is_dir():
         return local

@@ -1,7 +1,7 @@
 """Native distil checkpoints (``config.json`` + ``model.safetensors``) and loading of any model dir.
 
     model.save("out/student")             # transformer or hybrid
-    model = distil.models.load("out/student")   # native, or a transformers Llama/Qwen2/Mistral dir
+    model = distil.models.load("out/student")   # native, a transformers Llama/Qwen2/Mistral dir, or a .gguf
 
 The native format reloads exactly (bit for bit). A directory is written under a temporary name
 and renamed when complete, so a crash never leaves a checkpoint that looks whole.
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
+from distil.gguf import resolve_model_path
 
 NATIVE_FORMAT = "distil"
 
@@ -121,7 +122,9 @@ def load_state(model, state: dict[str, torch.Tensor], *, source: str, assign: bo
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Load a distil checkpoint or a transformers Llama/Qwen2/Mistral checkpoint into TransformerLM."""
+    """Load a distil checkpoint, a transformers Llama/Qwen2/Mistral checkpoint or a Llama-family GGUF
+    file into TransformerLM."""
+    path = resolve_model_path(path)
     local = Path(path)
     if local.is_dir():
         if is_native(local):

