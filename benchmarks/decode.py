@@ -66,7 +66,7 @@ def main() -> None:
     teacher = TransformerLM(ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
                                         n_heads=args.heads, max_seq_len=max(args.contexts) + args.new_tokens))
     ssm_layers = [i for i in range(args.layers) if i % 2 == 1]  # every other layer: 50%
-    hybrid = hybridize(teacher, ssm_layers, d_state=args.d_state, chunk_size=256)
+    hybrid = hybridize(teacher, ssm_layers, d_state=args.d_state, chunk_size=256, init="mil_plain")
     teacher, hybrid = teacher.to(device, dtype).eval(), hybrid.to(device, dtype).eval()
     print(f"\nd_model={args.d_model} layers={args.layers} hybrid pattern {hybrid.config.pattern} device={device} "
           f"dtype={args.dtype}, batch {args.batch}, {args.new_tokens} new tokens\n")

@@ -160,7 +160,7 @@ def test_bf16_hybrid_training_on_cuda(tmp_path, tiny_tokenizer, tiny_corpus_file
 
     torch.manual_seed(0)
     base = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=64, n_layers=2, n_heads=2))
-    student = hybridize(base, [1], d_state=16)
+    student = hybridize(base, [1], d_state=16, init="mil_plain")
     cfg = config_from_dict({
         "teacher": {"source": "model", "path": "unused"},
         "student": {"d_model": 64, "n_layers": 2, "n_heads": 2},

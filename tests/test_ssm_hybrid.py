@@ -106,7 +106,7 @@ def test_hybridize_with_no_layers_reproduces_the_teacher():
 @pytest.mark.parametrize("d_state", [6, 12, 20])  # smaller than, equal to, larger than head_dim 12
 def test_mil_copies_attention_weights(mixer, d_state):
     teacher = _teacher()
-    hybrid = hybridize(teacher, [1], mixer=mixer, d_state=d_state, chunk_size=8)
+    hybrid = hybridize(teacher, [1], mixer=mixer, d_state=d_state, chunk_size=8, init="mil_plain")
     assert hybrid.config.pattern == ("AMAA" if mixer == "mamba2" else "ADAA")
     attn, ssm = teacher.layers[1].self_attn, hybrid.layers[1].mamba
     head_dim, rows = 12, min(d_state, 12)
@@ -126,28 +126,104 @@ def test_mil_copies_attention_weights(mixer, d_state):
         assert torch.isfinite(hybrid(x)).all()
 
 
-def test_mil_starts_closer_to_the_teacher_than_random():
+@pytest.mark.parametrize("mixer", ["mamba2", "discrete_mamba2"])
+@pytest.mark.parametrize("d_state", [6, 12])
+def test_calibrated_mil_opens_the_gate_and_matches_each_heads_output_scale(mixer, d_state):
+    """Calibrated MIL: the attention weights copied as in plain MIL, no skip (D = 0), a pass-through
+    conv, and each head's output (what out_proj reads) at the RMS the attention head had on the
+    calibration text."""
+    from distil.hybrid.mil import DECAY, calibrate
+
     teacher = _teacher()
-    x = torch.randint(0, 61, (4, 24))
+    tokens = torch.randint(0, 61, (4, 24))
+    calib = calibrate(teacher, tokens, [1])
+    hybrid = hybridize(teacher, [1], mixer=mixer, d_state=d_state, chunk_size=8, calibration=calib)
+    plain = hybridize(teacher, [1], mixer=mixer, d_state=d_state, chunk_size=8, init="mil_plain")
+    ssm, ref = hybrid.layers[1].mamba, plain.layers[1].mamba
+    torch.testing.assert_close(ssm.out_proj.weight, ref.out_proj.weight, rtol=0, atol=0)
+    assert torch.all(ssm.D == 0)
+    taps = ssm.conv1d.weight[:, 0]
+    assert torch.all(taps[:, :-1] == 0) and torch.all(taps[:, -1] > 0)
+    captured = []
+    ssm.out_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        ssm(calib[1].inputs)
+    head_rms = captured[0].unflatten(-1, (4, 12)).pow(2).mean(-1).sqrt().reshape(-1, 4).mean(0)
+    torch.testing.assert_close(head_rms, calib[1].head_rms, rtol=1e-4, atol=1e-6)
+    h = calib[1].inputs
+    if mixer == "mamba2":
+        z = h @ ssm.in_proj.weight[: ssm.d_inner].T  # the gate's input on every token
+        assert torch.nn.functional.silu(z).median() > 4.0  # open
+        assert torch.allclose(torch.exp(-torch.exp(ssm.A_log) * torch.nn.functional.softplus(ssm.dt_bias)),
+                              torch.tensor(DECAY))
+    else:
+        assert torch.allclose(torch.nn.functional.silu(ssm.z_bias), torch.ones(()))
+
+
+def test_mil_needs_calibration_text():
+    with pytest.raises(DistilError, match="calibration"):
+        hybridize(_teacher(), [1])
+    with pytest.raises(DistilError, match="init"):
+        hybridize(_teacher(), [1], init="mli")
+
+
+@pytest.mark.parametrize("score", ["mil", "leave_one_out"])
+def test_kl_layer_scores_equal_whole_model_runs(score):
+    """Scoring reruns only the changed layer and those above it from cached inputs: the KL must be
+    what a whole converted model gives."""
+    from distil.hybrid.mil import calibrate
+    from distil.hybrid.placement import layer_scores
     from distil.losses import kd_loss
 
+    teacher = _teacher()
+    data = torch.randint(0, 61, (5, 16))
+    scores = layer_scores(teacher, data, score=score, d_state=8, chunk_size=8, batch_size=2)
+    calib = calibrate(teacher, data, range(4))
     with torch.no_grad():
-        ref = teacher(x)
-        kl = {init: kd_loss(hybridize(teacher, [0, 2], init=init, chunk_size=8)(x), ref).item() for init in ("mil", "random")}
-    assert kl["mil"] < kl["random"]
+        reference = teacher(data)
+        for i in range(4):
+            if score == "mil":
+                changed = hybridize(teacher, [i], d_state=8, chunk_size=8, calibration=calib)
+            else:
+                changed = hybridize(teacher, [], init="random")
+                changed.layers[i].self_attn.o_proj.weight.zero_()
+            expected = kd_loss(changed(data), reference, "forward_kl").item()
+            assert scores[i] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+def test_local_layer_scores_measure_the_replacement_error():
+    from distil.hybrid.mil import calibrate, fresh_mil_mixer
+    from distil.hybrid.placement import layer_scores
+
+    teacher = _teacher()
+    data = torch.randint(0, 61, (3, 16))
+    scores = layer_scores(teacher, data, d_state=8, chunk_size=8)
+    calib = calibrate(teacher, data, [2])
+    mixer = fresh_mil_mixer(teacher, 2, "mamba2", calib[2], d_state=8, chunk_size=8)
+    block = teacher.layers[2]
+    inputs = []
+    block.register_forward_pre_hook(lambda m, a: inputs.append(a))
+    with torch.no_grad():
+        teacher(data)
+        x, cos, sin = inputs[0]
+        h = block.input_layernorm(x)
+        attention = block.self_attn(h, cos, sin)[0]
+        expected = ((attention - mixer(h)[0]).pow(2).sum(-1) / (x + attention).pow(2).sum(-1)).mean()
+    assert scores[2] == pytest.approx(expected.item(), rel=1e-4)
+    assert all(v > 0 for v in scores.values())
 
 
 def test_converted_and_reloaded_hybrids_order_their_parameters_alike(tmp_path):
     """Optimizer states are saved by parameter order: a model converted in memory must list its
     parameters as the same model loaded from disk does, or resuming its training breaks."""
-    hybrid = hybridize(_teacher(), [0, 2], mixer="discrete_mamba2", d_state=8)
-    hybrid = hybridize(hybrid, [1], d_state=8)
+    hybrid = hybridize(_teacher(), [0, 2], mixer="discrete_mamba2", d_state=8, init="mil_plain")
+    hybrid = hybridize(hybrid, [1], d_state=8, init="mil_plain")
     hybrid.save(tmp_path / "h")
     assert [n for n, _ in hybrid.named_parameters()] == [n for n, _ in load(tmp_path / "h").named_parameters()]
 
 
 def test_native_save_load_of_hybrids_is_exact(tmp_path):
-    hybrid = hybridize(hybridize(_teacher(), [1], chunk_size=8), [3], mixer="discrete_mamba2", chunk_size=8).eval()
+    hybrid = hybridize(hybridize(_teacher(), [1], chunk_size=8, init="mil_plain"), [3], mixer="discrete_mamba2", chunk_size=8, init="mil_plain").eval()
     assert hybrid.config.pattern == "AMAD"
     hybrid.save(tmp_path / "h")
     again = load(tmp_path / "h").eval()
@@ -158,7 +234,7 @@ def test_native_save_load_of_hybrids_is_exact(tmp_path):
 
 def test_export_round_trip_through_transformers(tmp_path):
     teacher = _teacher()
-    hybrid = hybridize(teacher, [0, 2], d_state=8, chunk_size=8).eval()
+    hybrid = hybridize(teacher, [0, 2], d_state=8, chunk_size=8, init="mil_plain").eval()
     _perturb(hybrid.layers[0].mamba, 0.05)
     assert export_hf(hybrid, tmp_path / "hybrid") == "GraniteMoeHybridForCausalLM"
     config = json.loads((tmp_path / "hybrid" / "config.json").read_text())
@@ -175,7 +251,7 @@ def test_export_round_trip_through_transformers(tmp_path):
 
 
 def test_discrete_mamba2_export_is_refused_with_a_reason(tmp_path):
-    hybrid = hybridize(_teacher(), [1], mixer="discrete_mamba2", chunk_size=8)
+    hybrid = hybridize(_teacher(), [1], mixer="discrete_mamba2", chunk_size=8, init="mil_plain")
     with pytest.raises(DistilError, match="discrete Mamba2.*native"):
         export_hf(hybrid, tmp_path / "x")
 
@@ -231,16 +307,16 @@ def test_progressive_conversion_keeps_trained_layers():
     first, second = stages
     assert set(first.selection.ssm_layers) < set(second.selection.ssm_layers)
     kept = first.selection.ssm_layers[0]
-    # The layer converted in stage 1 was "trained" twice; layers new in stage 2 once.
-    assert torch.allclose(second.model.layers[kept].mamba.D, torch.full_like(second.model.layers[kept].mamba.D, 3.0))
+    # The layer converted in stage 1 was "trained" twice; layers new in stage 2 once (calibrated MIL starts D at 0).
+    assert torch.allclose(second.model.layers[kept].mamba.D, torch.full_like(second.model.layers[kept].mamba.D, 2.0))
     new = sorted(set(second.selection.ssm_layers) - {kept})[0]
-    assert torch.allclose(second.model.layers[new].mamba.D, torch.full_like(second.model.layers[new].mamba.D, 2.0))
+    assert torch.allclose(second.model.layers[new].mamba.D, torch.full_like(second.model.layers[new].mamba.D, 1.0))
     assert all(name.startswith("layers.") and ".mamba." in name for name in seen[1][1])
 
 
 @pytest.mark.parametrize("ssm_layers", [[], [1, 2]])
 def test_generation_with_kv_cache_and_ssm_state_matches_full_forward(ssm_layers):
-    model = hybridize(_teacher(), ssm_layers, chunk_size=8).eval()
+    model = hybridize(_teacher(), ssm_layers, chunk_size=8, init="mil_plain").eval()
     prompt = torch.randint(0, 61, (2, 7))
     out = generate(model, prompt, max_new_tokens=6)
     assert out.shape == (2, 13)
@@ -258,7 +334,7 @@ def test_preallocated_kv_buffers_equal_concatenated_caches(capacity_margin):
     from distil.models.transformer import KVBuffer
 
     torch.manual_seed(0)
-    model = hybridize(_teacher(), [1], chunk_size=8).eval()
+    model = hybridize(_teacher(), [1], chunk_size=8, init="mil_plain").eval()
     prompt, new = torch.randint(0, 61, (2, 7)), torch.randint(0, 61, (2, 8))
     with torch.no_grad():
         ref_logits, ref_states = model(prompt, return_states=True)

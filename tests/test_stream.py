@@ -60,7 +60,7 @@ def test_state_dict_round_trip():
 def test_streamed_documents_equal_whole_documents():
     torch.manual_seed(0)
     base = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2)).eval()
-    model = hybridize(hybridize(base, [1], chunk_size=4), [2], mixer="discrete_mamba2", chunk_size=4).eval()
+    model = hybridize(hybridize(base, [1], chunk_size=4, init="mil_plain"), [2], mixer="discrete_mamba2", chunk_size=4, init="mil_plain").eval()
     assert model.config.pattern == "AMD"
     docs = _docs([11, 6, 14, 3, 9], seed=3)
     batcher = StreamBatcher(docs, rows=2, chunk_len=4, seed=2)
@@ -113,7 +113,7 @@ def test_stream_training_resumes_exactly(tmp_path, tiny_tokenizer, tiny_corpus_f
     def make_student():
         torch.manual_seed(5)
         base = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=2, n_heads=2))
-        return hybridize(base, [1], d_state=8, chunk_size=8)
+        return hybridize(base, [1], d_state=8, chunk_size=8, init="mil_plain")
 
     whole = train(cfg(8), run=RunDir.create(tmp_path / "a"), tokenizer=tiny_tokenizer, teacher=teacher,
                   student=make_student())

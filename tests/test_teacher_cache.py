@@ -370,3 +370,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(world, tmp_path):
         assert out.returncode == 2, out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith("distil: error:") and message in out.stderr
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("token_cache", [False, True])
+def test_cache_teacher_needs_no_validation_split_and_training_names_it(world, tmp_path, token_cache):
+    """A 5% validation split too short for one window: cache-teacher writes the cache of the training
+    windows anyway; training, which needs held-out windows, says which split is short and by how much."""
+    from distil.train.loop import prepare
+
+    data = {"val_fraction": 0.02, "seq_len": 512, "token_cache": str(tmp_path / "tokens") if token_cache else None}
+    cfg = world["cfg"](data=data)
+    manifest = write_cache(cfg, tmp_path / "cache", k=4, progress=False)
+    assert manifest.num_sequences > 0
+    with pytest.raises(DistilError, match=r"the validation split \(data.val_fraction = 0.02: \d+ documents\) has \d+ tokens, fewer than one window"):
+        prepare(cfg, None)

@@ -122,15 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--layers", help="explicit comma-separated layer indices, e.g. 1,3,5")
     p.add_argument("--placement", default="uniform", choices=["uniform", "importance", "first", "last"],
                    help="how to choose the layers with --num-ssm (default: uniform, one attention layer kept per bin)")
-    p.add_argument("--score", default="mil", choices=["mil", "leave_one_out"],
-                   help="importance score: KL when the layer alone becomes its MIL SSM, or when it is removed")
+    p.add_argument("--score", default="local", choices=["local", "mil", "leave_one_out"],
+                   help="importance score: local (default; the MIL SSM's output error against the attention output, "
+                   "one model pass), mil (end-to-end KL when the layer alone becomes its MIL SSM) or leave_one_out "
+                   "(KL when it is removed)")
     p.add_argument("--mixer", default="mamba2", choices=["mamba2", "discrete_mamba2"])
-    p.add_argument("--init", default="mil", choices=["mil", "random"])
+    p.add_argument("--init", default="mil", choices=["mil", "mil_plain", "random"],
+                   help="mil (default): attention weights copied, gate/decay/conv/output scale calibrated on the "
+                   "scoring text; mil_plain: the weights copied, the rest as Mamba initialises it; random")
     p.add_argument("--d-state", type=int, default=16, help="SSM state size per head (default: 16)")
     p.add_argument("--expand", type=float, help="d_inner / d_model (default: n_heads * head_dim / d_model)")
     p.add_argument("--chunk-size", type=int, default=128, help="SSD scan chunk length (default: 128)")
-    p.add_argument("--data", help="held-out text/JSONL to score layers on (default: the embedded corpus)")
-    p.add_argument("--samples", type=int, default=16, help="sequences used to score layers (default: 16)")
+    p.add_argument("--data", help="text/JSONL to score layers and calibrate MIL on (default: the embedded corpus)")
+    p.add_argument("--samples", type=int, default=16, help="sequences used to score layers and calibrate (default: 16)")
     p.add_argument("--seq-len", type=int, default=256, help="length of those sequences (default: 256)")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     _add_common(p)
@@ -354,6 +358,8 @@ def cmd_hybridize(args) -> None:
         raise DistilError(f"{args.out} already exists; pass --overwrite to replace it")
     model = load(args.model).eval()
     tokenizer = load_tokenizer(args.model) if has_tokenizer(args.model) else None
+    needs_data = args.init == "mil" or (not args.layers and args.placement in ("uniform", "importance"))
+    data = _scoring_tokens(args, tokenizer) if needs_data else None
     if args.layers:
         try:
             layers = [int(x) for x in args.layers.split(",") if x.strip()]
@@ -361,14 +367,11 @@ def cmd_hybridize(args) -> None:
             raise DistilError(f"--layers {args.layers!r} should be comma-separated integers") from e
         selection = select_layers(model, len(layers), layers)
     else:
-        data = None
-        if args.placement in ("uniform", "importance"):
-            data = _scoring_tokens(args, tokenizer)
         selection = select_layers(model, args.num_ssm, args.placement, data, score=args.score, mixer=args.mixer,
-                                  d_state=args.d_state, chunk_size=args.chunk_size)
+                                  d_state=args.d_state, expand=args.expand, chunk_size=args.chunk_size, progress=True)
     with torch.no_grad():
         hybrid = hybridize(model, selection.ssm_layers, mixer=args.mixer, init=args.init, d_state=args.d_state,
-                           expand=args.expand, chunk_size=args.chunk_size)
+                           expand=args.expand, chunk_size=args.chunk_size, calibration=data)
     save_native(hybrid, args.out, tokenizer=tokenizer, overwrite=True)
     selection.save(Path(args.out) / "layer_scores.json")
     log.info("pattern %s (%d SSM layers: %s) saved to %s", hybrid.config.pattern, len(selection.ssm_layers),

@@ -242,10 +242,12 @@ class HybridConfig:
     stages: list[int] = field(default_factory=list)  # SSM layers after each stage, e.g. [1, 5, 25, 45]; []: off
     placement: str = "uniform"  # uniform | importance | first | last
     layers: list[int] | None = None  # an explicit layer list instead (one stage of that many layers)
-    score: str = "mil"  # importance score: mil (KL with the layer as its MIL SSM) | leave_one_out
-    score_samples: int = 16  # held-out windows the layers are scored on
+    # importance score: local (the MIL SSM's output error against the attention's, one model pass) |
+    # mil (end-to-end KL with the layer as its MIL SSM) | leave_one_out (KL with the layer removed)
+    score: str = "local"
+    score_samples: int = 16  # held-out windows the layers are scored on (and training windows MIL calibrates on)
     mixer: str = "mamba2"  # mamba2 | discrete_mamba2
-    init: str = "mil"  # mil (from the attention weights) | random, for newly converted layers
+    init: str = "mil"  # mil (calibrated, from the attention weights) | mil_plain (uncalibrated) | random
     d_state: int = 16
     expand: float | None = None  # d_inner / d_model; None: n_heads * head_dim / d_model
     chunk_size: int = 128  # SSD scan chunk
@@ -261,9 +263,9 @@ class HybridConfig:
         if any(n <= 0 for n in self.stages) or any(b <= a for a, b in zip(self.stages, self.stages[1:])):
             raise DistilError(f"hybrid.stages = {self.stages!r} should be increasing positive numbers of SSM layers")
         _check_choice("hybrid", "placement", self.placement, ("uniform", "importance", "first", "last"))
-        _check_choice("hybrid", "score", self.score, ("mil", "leave_one_out"))
+        _check_choice("hybrid", "score", self.score, ("local", "mil", "leave_one_out"))
         _check_choice("hybrid", "mixer", self.mixer, ("mamba2", "discrete_mamba2"))
-        _check_choice("hybrid", "init", self.init, ("mil", "random"))
+        _check_choice("hybrid", "init", self.init, ("mil", "mil_plain", "random"))
         for name in ("score_samples", "d_state", "expand", "chunk_size"):
             _check_positive("hybrid", name, getattr(self, name))
 

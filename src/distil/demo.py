@@ -207,6 +207,7 @@ def run_hybrid_demo(run: RunDir, settings: DemoSettings, teacher: Teacher, token
 
     n_layers = teacher.model.config.n_layers
     held_out = torch.from_numpy(data.val_windows[:8, :-1].astype("int64"))
+    calibration = torch.from_numpy(data.train_windows[:8, :-1].astype("int64"))
     selection = select_layers(teacher.model, n_layers // 2, "uniform", held_out)
     selection.save(run.path / "layer_scores.json")
     say(f"hybrid: converting layers {selection.ssm_layers} of {n_layers} to Mamba2 (uniform placement)")
@@ -215,7 +216,8 @@ def run_hybrid_demo(run: RunDir, settings: DemoSettings, teacher: Teacher, token
     teacher_speed = decode_speed(teacher.model, context=settings.decode_context, new_tokens=settings.decode_tokens, vocab=vocab)
     out["teacher_decode_tokens_per_second"] = teacher_speed
     for init in ("mil", "random"):
-        hybrid = hybridize(teacher.model, selection.ssm_layers, mixer="mamba2", init=init, d_state=16, chunk_size=64)
+        hybrid = hybridize(teacher.model, selection.ssm_layers, mixer="mamba2", init=init, d_state=16, chunk_size=64,
+                           calibration=calibration)
         before = evaluate_lm(hybrid, data.val_windows, batch_size=settings.batch_size, teacher=teacher,
                              max_batches=settings.val_batches)
         cfg = _config(settings, settings.teacher, steps=settings.hybrid_steps, lr=settings.hybrid_lr,

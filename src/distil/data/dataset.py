@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from distil.data.corpus import load_documents, split_documents
-from distil.data.packing import concat_windows, strided_windows
+from distil.data.packing import flatten_documents, strided_windows
 from distil.data.tokenize import tokenize_documents, tokenizer_hash
 
 log = logging.getLogger("distil")
@@ -42,21 +42,38 @@ def split_corpus(data_cfg) -> tuple[list[str], list[str]]:
     return split_documents(docs, data_cfg.val_fraction, seed=data_cfg.seed)
 
 
-def build_data(data_cfg, tokenizer, *, docs: tuple[list[str], list[str]] | None = None) -> TokenizedData:
+def _windows(tokens, doc_ids, seq_len, split: str, num_docs: int, data_cfg, need: bool):
+    """Windows of one split; with ``need=False`` a split shorter than one window gives none."""
+    if split == "train":
+        what = f"the training split ({num_docs} documents)"
+    else:
+        what = f"the validation split (data.val_fraction = {data_cfg.val_fraction}: {num_docs} documents)"
+    if not need and (len(tokens) - 1) // seq_len < 1:
+        empty = np.zeros((0, seq_len + 1), dtype=np.int32)
+        return empty, empty
+    return strided_windows(tokens, seq_len, what), strided_windows(doc_ids, seq_len, what)
+
+
+def build_data(data_cfg, tokenizer, *, docs: tuple[list[str], list[str]] | None = None,
+               need_val: bool = True) -> TokenizedData:
     """Tokenise (once: with ``data.token_cache`` the token files are memory-mapped from the cache on
-    later runs) and pack into windows."""
+    later runs) and pack into windows. ``need_val=False`` (cache-teacher) accepts a validation split
+    too short for one window. Errors about too little data name the split and the numbers."""
     cache = _cache_dir(data_cfg, tokenizer) if docs is None else None
     if cache is not None and (cache / "done").is_file():
         log.info("tokens from the cache %s", cache)
-        return _from_cache(cache, data_cfg)
+        return _from_cache(cache, data_cfg, need_val)
     train_docs, val_docs = docs if docs is not None else split_corpus(data_cfg)
     train_tokens = tokenize_documents(tokenizer, train_docs)
     val_tokens = tokenize_documents(tokenizer, val_docs)
     if cache is not None:
         _write_cache(cache, train_tokens, val_tokens, val_docs)
-        return _from_cache(cache, data_cfg)
-    train_windows, train_doc_ids = concat_windows(train_tokens, data_cfg.seq_len)
-    val_windows, val_doc_ids = concat_windows(val_tokens, data_cfg.seq_len)
+        return _from_cache(cache, data_cfg, need_val)
+    windows = {}
+    for split, token_docs, need in (("train", train_tokens, True), ("val", val_tokens, need_val)):
+        flat, doc_ids = flatten_documents(token_docs)
+        windows[split] = _windows(flat, doc_ids, data_cfg.seq_len, split, len(token_docs), data_cfg, need)
+    (train_windows, train_doc_ids), (val_windows, val_doc_ids) = windows["train"], windows["val"]
     return TokenizedData(train_windows, train_doc_ids, val_windows, val_doc_ids, train_docs, val_docs, train_tokens)
 
 
@@ -96,13 +113,14 @@ def _write_cache(cache: Path, train_tokens, val_tokens, val_docs) -> None:
         (tmp / "done").write_text("complete\n")
 
 
-def _from_cache(cache: Path, data_cfg) -> TokenizedData:
+def _from_cache(cache: Path, data_cfg, need_val: bool = True) -> TokenizedData:
     out = {}
     for split in ("train", "val"):
         tokens = np.load(cache / f"{split}_tokens.npy", mmap_mode="r")
         offsets = np.load(cache / f"{split}_offsets.npy")
         doc_ids = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
-        out[split] = (strided_windows(tokens, data_cfg.seq_len), strided_windows(doc_ids, data_cfg.seq_len),
-                      [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)])
+        windows = _windows(tokens, doc_ids, data_cfg.seq_len, split, len(offsets) - 1, data_cfg,
+                           split == "train" or need_val)
+        out[split] = (*windows, [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)])
     val_docs = json.loads((cache / "val_docs.json").read_text())
     return TokenizedData(out["train"][0], out["train"][1], out["val"][0], out["val"][1], [], val_docs, out["train"][2])

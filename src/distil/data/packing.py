@@ -17,21 +17,30 @@ import torch
 from distil.errors import DistilError
 
 
-def concat_windows(token_docs: list[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Windows [num_windows, seq_len + 1] of token ids, and the document index of each position."""
+def concat_windows(token_docs: list[np.ndarray], seq_len: int, what: str = "the corpus") -> tuple[np.ndarray, np.ndarray]:
+    """Windows [num_windows, seq_len + 1] of token ids, and the document index of each position.
+    ``what`` names the data in errors (e.g. "the validation split (5% of 20 documents)")."""
     if not token_docs:
-        raise DistilError("no documents to pack")
+        raise DistilError(f"{what} has no documents to pack")
+    tokens, docs = flatten_documents(token_docs)
+    return strided_windows(tokens, seq_len, what), strided_windows(docs, seq_len, what)
+
+
+def flatten_documents(token_docs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All documents' tokens in one array, and the document index of each token."""
+    if not token_docs:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
     tokens = np.concatenate(token_docs)
     docs = np.concatenate([np.full(len(d), i, dtype=np.int32) for i, d in enumerate(token_docs)])
-    return strided_windows(tokens, seq_len), strided_windows(docs, seq_len)
+    return tokens, docs
 
 
-def strided_windows(flat: np.ndarray, seq_len: int) -> np.ndarray:
+def strided_windows(flat: np.ndarray, seq_len: int, what: str = "the corpus") -> np.ndarray:
     """Overlapping windows [n, seq_len + 1] as a read-only view of ``flat`` (no copy, so a
     memory-mapped token file stays on disk until rows are indexed)."""
     num_windows = (len(flat) - 1) // seq_len
     if num_windows < 1:
-        raise DistilError(f"the corpus has {len(flat)} tokens, fewer than one window of data.seq_len + 1 = {seq_len + 1}")
+        raise DistilError(f"{what} has {len(flat)} tokens, fewer than one window of data.seq_len + 1 = {seq_len + 1}")
     step = flat.strides[0]
     return np.lib.stride_tricks.as_strided(flat, shape=(num_windows, seq_len + 1), strides=(seq_len * step, step),
                                            writeable=False)

@@ -6,10 +6,10 @@
 
 Strategies:
 
-* ``"importance"``: replace each attention layer alone by its MIL-initialised SSM and measure the KL
-  from the teacher on held-out tokens; the layers whose replacement costs least become SSM.
-  ``score="leave_one_out"`` instead removes the layer's mixer outright (its residual branch is
-  zeroed), a cheaper proxy used by layer-pruning work.
+* ``"importance"``: score each attention layer (:func:`layer_scores`: by default how far its
+  calibrated MIL SSM's output is from the attention output, relative to the residual stream; or the
+  end-to-end KL with that layer alone replaced, ``score="mil"``, or removed, ``"leave_one_out"``);
+  the layers whose replacement costs least become SSM.
 * ``"uniform"``: the attention layers that stay are spread evenly, one per bin of consecutive
   layers (as Zebra-Llama does); inside each bin the most important layer (highest score) stays.
   The source lab report found this beat pure importance at 45/50, where importance kept only the
@@ -43,42 +43,103 @@ class LayerSelection:
         atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
 
-@torch.no_grad()
-def layer_scores(model, data: torch.Tensor, *, score: str = "mil", mixer: str = "mamba2", d_state: int = 16,
-                 batch_size: int = 8, **hybrid_kwargs) -> dict[int, float]:
-    """KL(teacher || model with layer i changed), per attention layer, on ``data`` [n, seq] token ids."""
-    from distil.hybrid.mil import hybridize
+SCORES = ("local", "mil", "leave_one_out")
 
+
+@torch.no_grad()
+def layer_scores(model, data: torch.Tensor, *, score: str = "local", mixer: str = "mamba2", d_state: int = 16,
+                 batch_size: int = 4, progress: bool = False, **hybrid_kwargs) -> dict[int, float]:
+    """Importance of each attention layer on ``data`` [n, seq] token ids (higher = keep as attention).
+
+    * ``"local"``: the relative error, in the residual stream, of the layer's calibrated MIL SSM
+      against the attention output it replaces, per token ``|attn(h) - ssm(h)|^2 / |x + attn(h)|^2``,
+      averaged. One pass of the model over ``data`` plus one SSM mixer per layer: 23 s for the 30
+      layers of SmolLM2-135M on 4k tokens, where ``"mil"`` takes 187 s (rank correlation 0.91).
+    * ``"mil"``: KL(model || model with layer i as its calibrated MIL SSM), end to end.
+    * ``"leave_one_out"``: the same KL with the layer's mixer removed (its output zero).
+
+    The KL forms run the model once, keep each layer's input, and rerun only the changed layer and
+    the ones above it, one batch at a time (no copy of the model, no full-vocabulary logits of the
+    whole set at once). The MIL mixers are calibrated on ``data`` itself.
+    """
+    from tqdm.auto import tqdm
+
+    from distil.hybrid.mil import calibrate, fresh_mil_mixer
+
+    if score not in SCORES:
+        raise DistilError(f"score {score!r} should be one of {', '.join(SCORES)}")
     if data.dim() != 2 or data.shape[0] == 0:
         raise DistilError("layer scoring needs held-out token ids of shape [sequences, length]")
     model = model.eval()
+    layers = [i for i, kind in enumerate(model.config.pattern) if kind == "A"]
+    device = next(model.parameters()).device
+    data = data.to(device)
+    mixers = {}
+    if score in ("local", "mil"):
+        calib = calibrate(model, data, layers)
+        mixers = {i: fresh_mil_mixer(model, i, mixer, calib[i], d_state=d_state, **hybrid_kwargs).eval() for i in layers}
+        del calib
+    error = {i: 0.0 for i in layers}
+    norm = {i: 0.0 for i in layers}
+    kl = {i: 0.0 for i in layers}
+    batches = range(0, len(data), batch_size)
+    bar = tqdm(total=len(batches) * len(layers), desc=f"scoring layers ({score})", disable=not progress, leave=False)
+    for start in batches:
+        tokens = data[start : start + batch_size]
+        inputs, cos, sin = _layer_inputs(model, tokens)
+        reference = None
+        for i in layers:
+            block = model.layers[i]
+            x = inputs[i]
+            h = block.input_layernorm(x)
+            if score == "local":
+                attention = block.self_attn(h, cos, sin)[0]
+                replaced = mixers[i](h)[0]
+                # Per token: a few tokens carry residual norms 100x the rest ("massive activations"), and
+                # a ratio of sums would rank layers by those tokens alone (rank correlation with the
+                # end-to-end KL 0.39 on SmolLM2, against 0.91 per token; docs/benchmarks.md).
+                relative = (attention - replaced).float().pow(2).sum(-1) / (x + attention).float().pow(2).sum(-1).clamp_min(1e-30)
+                error[i] += relative.sum().item()
+                norm[i] += relative.numel()
+            else:
+                if reference is None:
+                    reference = model.lm_head(model.norm(inputs[-1]))
+                out = mixers[i](h)[0] if score == "mil" else torch.zeros_like(x)
+                x = x + out
+                x = x + block.mlp(block.post_attention_layernorm(x))
+                changed = _logits_from(model, i + 1, x, cos, sin)
+                kl[i] += kd_loss(changed, reference, "forward_kl").item() * len(tokens)
+            bar.update(1)
+    bar.close()
+    if score == "local":
+        return {i: error[i] / norm[i] for i in layers}
+    return {i: kl[i] / len(data) for i in layers}
 
-    def logits_of(m):
-        return torch.cat([m(data[i : i + batch_size]) for i in range(0, len(data), batch_size)])
 
-    reference = logits_of(model)
-    scores = {}
-    for i, kind in enumerate(model.config.pattern):
-        if kind != "A":
-            continue
-        if score == "mil":
-            changed = hybridize(model, [i], mixer=mixer, init="mil", d_state=d_state, **hybrid_kwargs).eval()
-            out = logits_of(changed)
-        elif score == "leave_one_out":
-            attention = model.layers[i].self_attn
-            original = attention.o_proj.weight.detach().clone()
-            attention.o_proj.weight.zero_()
-            try:
-                out = logits_of(model)
-            finally:
-                attention.o_proj.weight.copy_(original)
-        else:
-            raise DistilError(f"score {score!r} should be 'mil' or 'leave_one_out'")
-        scores[i] = kd_loss(out, reference, "forward_kl").item()
-    return scores
+def _layer_inputs(model, tokens):
+    """Each layer's input (the residual stream) for ``tokens``, plus the rotary cos/sin; the last entry
+    is the final layer's output."""
+    from distil.models.transformer import rope_cos_sin
+
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    x = model.embed_tokens(tokens)
+    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
+    inputs = []
+    for layer in model.layers:
+        inputs.append(x)
+        x, _ = layer(x, cos, sin)
+    inputs.append(x)
+    return inputs, cos, sin
 
 
-def select_layers(model, num_ssm: int, strategy="importance", data: torch.Tensor | None = None, *, score: str = "mil",
+def _logits_from(model, first_layer: int, x, cos, sin):
+    """Logits when the residual stream is ``x`` at the input of layer ``first_layer``."""
+    for layer in model.layers[first_layer:]:
+        x, _ = layer(x, cos, sin)
+    return model.lm_head(model.norm(x))
+
+
+def select_layers(model, num_ssm: int, strategy="importance", data: torch.Tensor | None = None, *, score: str = "local",
                   scores: dict[int, float] | None = None, **score_kwargs) -> LayerSelection:
     """Choose ``num_ssm`` attention layers to convert (see the module docstring)."""
     attention_layers = [i for i, k in enumerate(model.config.pattern) if k == "A"]

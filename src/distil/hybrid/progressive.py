@@ -44,11 +44,12 @@ def freeze_all_but_ssm(model) -> None:
 
 def convert_progressively(teacher, stages: list[int], distil_stage: Callable, *, strategy="uniform", data=None,
                           mixer: str = "mamba2", d_state: int = 16, train_only_ssm: bool = False, init: str = "mil",
-                          scores: dict[int, float] | None = None, score: str = "mil",
-                          **hybrid_kwargs) -> list[Stage]:
+                          scores: dict[int, float] | None = None, score: str = "local",
+                          calibration=None, **hybrid_kwargs) -> list[Stage]:
     """Run the stage list; returns each stage's selection and trained model.
 
     ``scores`` (from :func:`~distil.hybrid.placement.layer_scores`) skips the scoring pass;
+    ``calibration`` (token ids [n, seq]) calibrates MIL (``init="mil"``; default: ``data``);
     ``distil_stage(student, selection)`` returns the trained student.
     """
     if not stages or any(b <= a for a, b in zip(stages, stages[1:])):
@@ -70,7 +71,8 @@ def convert_progressively(teacher, stages: list[int], distil_stage: Callable, *,
         # Newly converted layers take MIL from the *teacher's* attention (the previous stage may have
         # trained that attention further; the teacher's is what MIL is defined on).
         student = hybridize(current, sorted(layers - previous_layers), mixer=mixer, init=init, d_state=d_state,
-                            attention_from=teacher, **hybrid_kwargs)
+                            attention_from=teacher, calibration=calibration if calibration is not None else data,
+                            **hybrid_kwargs)
         if train_only_ssm:
             freeze_all_but_ssm(student)
         current = distil_stage(student, selection)

@@ -48,7 +48,9 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = "c
     if batch_size < 1 or workers < 1:
         raise DistilError("--batch-size and --workers must be >= 1")
     info = init_distributed(device or cfg.train.device)
-    teacher, tokenizer, data = prepare(cfg, None, teacher=teacher, tokenizer=tokenizer, data=data, info=info)
+    # The cache covers the training windows only: a validation split too small for a window is fine here.
+    teacher, tokenizer, data = prepare(cfg, None, teacher=teacher, tokenizer=tokenizer, data=data, info=info,
+                                       need_val=False)
     if cfg.teacher.source == "api":
         from distil.data.api_teacher import ApiTeacher
 

@@ -169,7 +169,8 @@ class _FixedTeacher:
         return self.hidden @ self.weight.t()
 
 
-def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=None, data=None, info=None):
+def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=None, data=None, info=None,
+            need_val: bool = True):
     """Load or build what the loop needs: (teacher, tokenizer, data)."""
     info = info or init_distributed(cfg.train.device)
     device = info.device
@@ -190,7 +191,7 @@ def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=N
             log.info("training a %d-token byte-level BPE on the training documents", cfg.data.vocab_size)
             tokenizer = train_bpe_tokenizer(docs[0], cfg.data.vocab_size, run.path / "tokenizer" if run else None)
     if data is None:
-        data = build_data(cfg.data, tokenizer, docs=docs)
+        data = build_data(cfg.data, tokenizer, docs=docs, need_val=need_val)
     return teacher, tokenizer, data
 
 

