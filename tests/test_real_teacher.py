@@ -117,3 +117,26 @@ def test_calibrated_mil_stays_ahead_after_training_the_layer(setup):
             after[init] = _kl(model.eval(), data)
         print(f"layer {layer}: KL after 30 steps {after}")
         assert after["mil"] < after["random"], (layer, after)
+
+
+def test_real_teacher_demo_pipeline(tmp_path):
+    """`distil demo --teacher smollm2` on a tiny budget: the teacher cache, three students, two hybrids,
+    a report that states the result (the full budget's numbers are in docs/benchmarks.md)."""
+    import json
+
+    from distil.demo_real import RealDemoSettings, run_real_demo
+
+    settings = RealDemoSettings(corpus_chars=16_000, val_fraction=0.3, seq_len=64, batch_size=2, k=8, student=(32, 1, 2),
+                                student_steps=2, hybrid_steps=1, hybrid_batch_size=2, val_windows=2, mc_items=4,
+                                val_every=1)
+    out = run_real_demo(tmp_path / "demo", settings=settings, progress=False)
+    assert set(out["results"]) == {"teacher", "ce", "forward_kl", "reverse_kl"}
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for label in ("teacher (SmolLM2-135M)", "hard-label CE only", "forward KL", "reverse KL", "50% hybrid, mil init"):
+        assert f"| {label} |" in report
+    manifest = json.loads((tmp_path / "demo" / "teacher-cache" / "manifest.json").read_text())
+    assert manifest["settings"]["k"] == 8
+    hybrids = out["hybrids"]
+    assert len(hybrids["ssm_layers"]) == 15
+    assert hybrids["mil"]["kl_before"] < hybrids["random"]["kl_before"]  # calibrated MIL starts closer
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["complete"] is True

@@ -79,8 +79,8 @@ class MemoTeacher(Teacher):
     reused (the results are identical; ~20% of the quick demo's time). Bounded by ``max_bytes``.
     """
 
-    def __init__(self, model, *, max_bytes: int = 2 << 30):
-        super().__init__(model, native=True, name="demo teacher")
+    def __init__(self, model, *, max_bytes: int = 2 << 30, name: str = "demo teacher"):
+        super().__init__(model, native=True, name=name)
         self._memo: dict = {}
         self._bytes, self.max_bytes = 0, max_bytes
 
