@@ -81,21 +81,21 @@ def test_calibrated_mil_beats_random_and_deletion_at_conversion(setup):
 
 
 def test_calibrated_mil_stays_ahead_after_training_the_layer(setup):
-    """30 reverse-KL steps of the converted layer alone (AdamW, lr 1e-3, 1 x 128 tokens a step). The
-    layers below it are frozen and equal to the teacher's, so their output (the layer's input) and the
-    teacher's logits come from one teacher pass per batch, shared by both inits."""
+    """30 reverse-KL steps of the converted layer alone (AdamW, lr 1e-3, 1 x 64 tokens a step, to keep
+    CI short). The layers below it are frozen and equal to the teacher's, so their output (the layer's
+    input) and the teacher's logits come from one teacher pass per batch, shared by both inits."""
     from distil.hybrid.mil import calibrate
     from distil.hybrid.placement import _layer_inputs
     from distil.losses import kd_loss
 
     teacher, data = setup
-    layers = (15, 27)
+    layers = (3, 15, 27)
     calib = calibrate(teacher, data["calibration"], layers)
     generator = torch.Generator().manual_seed(0)
     batches = []
     with torch.no_grad():
         for _ in range(30):
-            tokens = data["train"][torch.randint(0, len(data["train"]), (2,), generator=generator)]
+            tokens = data["train"][torch.randint(0, len(data["train"]), (1,), generator=generator), :64]
             inputs, cos, sin = _layer_inputs(teacher, tokens)
             batches.append(({i: inputs[i] for i in layers}, cos, sin, teacher.lm_head(teacher.norm(inputs[-1]))))
     for layer in layers:

