@@ -119,18 +119,25 @@ def _config(settings: DemoSettings, model: tuple, *, steps: int, lr: float, loss
     })
 
 
-def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: bool = False, progress: bool = True,
-             settings: DemoSettings | None = None) -> dict:
-    settings = settings or (QUICK if quick else FULL)
-    run = RunDir.create(out, overwrite=overwrite)
-    started = time.perf_counter()
-    torch.manual_seed(0)
+def narrator(started: float, progress: bool):
+    """``say(msg)``: a line with the seconds since ``started`` on stdout, or a log line when quiet."""
 
     def say(msg: str) -> None:
         if progress:
             print(f"[demo {time.perf_counter() - started:5.0f}s] {msg}", flush=True)
         else:
             log.info(msg)
+
+    return say
+
+
+def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: bool = False, progress: bool = True,
+             settings: DemoSettings | None = None) -> dict:
+    settings = settings or (QUICK if quick else FULL)
+    run = RunDir.create(out, overwrite=overwrite)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    say = narrator(started, progress)
 
     say("loading the embedded corpus (Python docs + stdlib docstrings)")
     docs = embedded_corpus()

@@ -32,7 +32,7 @@ from distil.config import config_from_dict
 from distil.data.corpus import embedded_corpus
 from distil.data.dataset import build_data
 from distil.data.tokenize import load_tokenizer
-from distil.demo import MemoTeacher, verdict
+from distil.demo import MemoTeacher, narrator, verdict
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
 from distil.gguf import real_teacher
@@ -94,10 +94,7 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
     run = RunDir.create(out, overwrite=overwrite)
     started = time.perf_counter()
     torch.manual_seed(0)
-
-    def say(msg: str) -> None:
-        if progress:
-            print(f"[demo {time.perf_counter() - started:5.0f}s] {msg}", flush=True)
+    say = narrator(started, progress)
 
     # The teacher runs at ~500 tokens/s on 2 cores: the data is a random sample of documents of a
     # fixed size, written to the run folder so the configs (and the cache check) can name it.
