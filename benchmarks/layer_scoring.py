@@ -14,13 +14,10 @@ import argparse
 import time
 
 import torch
+from _real_teacher import load_real_teacher, windows_of
 
 from distil.data.corpus import embedded_corpus
-from distil.data.packing import concat_windows
-from distil.data.tokenize import load_tokenizer, tokenize_documents
-from distil.gguf import real_teacher
 from distil.hybrid.placement import layer_scores
-from distil.models import load
 
 
 def spearman(a: dict, b: dict) -> float:
@@ -36,11 +33,8 @@ def main():
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     args = p.parse_args()
-    path = real_teacher()
-    teacher = load(path).eval()
-    tokenizer = load_tokenizer(path)
-    windows, _ = concat_windows(tokenize_documents(tokenizer, embedded_corpus()[-200:]), args.seq_len)
-    data = torch.from_numpy(windows[: args.samples, :-1].astype("int64"))
+    teacher, tokenizer = load_real_teacher()
+    data = windows_of(tokenizer, embedded_corpus()[-200:], args.seq_len, args.samples)
     print(f"SmolLM2-135M, {teacher.config.n_layers} layers, {data.numel()} tokens ({args.samples} x {args.seq_len}), "
           f"{torch.get_num_threads()} threads")
     results = {}

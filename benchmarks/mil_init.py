@@ -18,19 +18,11 @@ import argparse
 import time
 
 import torch
+from _real_teacher import load_real_teacher, windows_of
 
 from distil.data.corpus import embedded_corpus
-from distil.data.packing import concat_windows
-from distil.data.tokenize import load_tokenizer, tokenize_documents
-from distil.gguf import real_teacher
 from distil.hybrid.mil import calibrate, hybridize
 from distil.losses import kd_loss
-from distil.models import load
-
-
-def windows_of(tokenizer, docs, seq_len, count):
-    windows, _ = concat_windows(tokenize_documents(tokenizer, docs), seq_len)
-    return torch.from_numpy(windows[:count, :-1].astype("int64"))
 
 
 @torch.no_grad()
@@ -81,9 +73,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    path = real_teacher()
-    teacher = load(path).eval()
-    tokenizer = load_tokenizer(path)
+    teacher, tokenizer = load_real_teacher()
     docs = embedded_corpus()
     calib_tokens = windows_of(tokenizer, docs[:150], args.seq_len, args.calibration)
     train_tokens = windows_of(tokenizer, docs[150:1500], args.seq_len, 512)

@@ -26,14 +26,11 @@ from collections import Counter
 
 import numpy as np
 import torch
+from _real_teacher import load_real_teacher, windows_of
 
 from distil.data.corpus import embedded_corpus
-from distil.data.packing import concat_windows
-from distil.data.tokenize import load_tokenizer, tokenize_documents
 from distil.data.topk_codec import _planes, encode_block, quantize
-from distil.gguf import real_teacher
 from distil.losses.topk import teacher_topk
-from distil.models import load
 
 
 def entropy_bits(values: np.ndarray) -> float:
@@ -53,11 +50,8 @@ def main():
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     args = p.parse_args()
-    path = real_teacher()
-    teacher = load(path).eval()
-    tokenizer = load_tokenizer(path)
-    windows, _ = concat_windows(tokenize_documents(tokenizer, embedded_corpus()[-400:]), args.seq_len)
-    windows = windows[: args.windows]
+    teacher, tokenizer = load_real_teacher()
+    windows = windows_of(tokenizer, embedded_corpus()[-400:], args.seq_len + 1, args.windows).numpy()
     vocab = teacher.config.vocab_size
     frames = np.zeros(4)  # tokens, ids, codes, tail: compressed bytes
     all_ids, all_deltas, all_logprobs = [], [], []
