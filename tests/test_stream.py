@@ -92,7 +92,7 @@ def test_streamed_documents_equal_whole_documents():
 def test_stream_training_resumes_exactly(tmp_path, tiny_tokenizer, tiny_corpus_file):
     from distil.config import config_from_dict
     from distil.train.loop import train
-    from distil.train.run_dir import RunDir
+    from distil.run_dir import RunDir
     from distil.train.teacher import Teacher
 
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ from hypothesis.extra import numpy as hnp
 
 from distil.config import config_from_dict
 from distil.data.teacher_cache import CacheBatches, TeacherCache
-from distil.data.topk_codec import STEP, decode_block, dequantize, encode_block, quantize
+from distil.data.topk_codec import (STEP, decode_block, dequantize, encode_block, frequency_order, quantize,
+                                    ranks_of)
 from distil.errors import DistilError
 from distil.losses.topk import teacher_topk
 from distil.models import ModelConfig, TransformerLM
@@ -31,7 +32,7 @@ ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 @settings(max_examples=60, deadline=None)
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
                   elements=st.floats(-40.0, 0.0, width=32)),
-       st.integers(16, 200_000), st.sampled_from(["compact", "exact"]), st.integers(0, 2**31))
+       st.integers(16, 200_000), st.sampled_from(["ranked", "compact", "exact"]), st.integers(0, 2**31))
 def test_encoding_round_trip_and_error_bound(values, vocab_size, encoding, seed):
     rng = np.random.default_rng(seed)
     n, k = values.shape
@@ -39,9 +40,15 @@ def test_encoding_round_trip_and_error_bound(values, vocab_size, encoding, seed)
     ids[rng.random((n, k)) < 0.1] = -1  # absent entries
     tokens = rng.integers(0, vocab_size, size=n + 1)
     tail = np.minimum(rng.normal(-3, 2, size=n), 0).astype(np.float32)
-    data = encode_block(tokens, ids, values, tail, vocab_size=vocab_size, encoding=encoding)
-    out_tokens, out_ids, out_lp, out_tail = decode_block(data, vocab_size=vocab_size, encoding=encoding)
+    order = rng.permutation(vocab_size).astype(np.uint32) if encoding == "ranked" else None
+    rank = ranks_of(order) if order is not None else None
+    data = encode_block(tokens, ids, values, tail, vocab_size=vocab_size, encoding=encoding, id_rank=rank)
+    out_tokens, out_ids, out_lp, out_tail = decode_block(data, vocab_size=vocab_size, encoding=encoding, id_order=order)
     np.testing.assert_array_equal(out_tokens, tokens)
+    if encoding == "ranked":  # the same values as compact: only the ids' layout differs
+        same = decode_block(encode_block(tokens, ids, values, tail, vocab_size=vocab_size), vocab_size=vocab_size)
+        for got, want in zip((out_ids, out_lp, out_tail), same[1:]):
+            np.testing.assert_array_equal(got, want)
     for row in range(n):  # entries come back sorted by log-prob, absent ones last
         present = ids[row] >= 0
         got = dict(zip(out_ids[row].tolist(), out_lp[row].tolist()))
@@ -60,6 +67,31 @@ def test_encoding_round_trip_and_error_bound(values, vocab_size, encoding, seed)
     else:
         big = tail >= np.log(1e-4)
         assert np.all(np.abs(out_tail - tail)[big] <= 0.01)
+
+
+def test_frequency_order_ranks_ids_by_count_then_tokens_then_id():
+    ids = np.array([[5, 2, -1], [5, 7, 2], [5, 1, -1]])
+    order = frequency_order(ids, vocab_size=9, tokens=np.array([8, 8, 3]))
+    assert order.tolist() == [5, 2, 1, 7, 8, 3, 0, 4, 6]
+    rank = ranks_of(order)
+    assert rank[order].tolist() == list(range(9))
+    with pytest.raises(DistilError, match="permutation"):
+        ranks_of(np.array([0, 0, 1]))
+
+
+def test_ranked_varint_covers_the_largest_rank_and_absent_marker():
+    """Ranks above 2^15 need the high stream's second byte; vocab 2^17 + the absent marker too."""
+    for vocab in (40_000, 1 << 17, 300_000):
+        order = np.arange(vocab, dtype=np.uint32)[::-1].copy()  # id v has rank vocab - 1 - v
+        ids = np.array([[0, 1, vocab - 1, -1], [127, 128, 129, 16383]])
+        lp = np.tile(np.array([-0.1, -1.0, -2.0, -3.0], dtype=np.float32), (2, 1))
+        tokens = np.array([0, vocab - 1, 5])
+        data = encode_block(tokens, ids, lp, np.full(2, -2.0, np.float32), vocab_size=vocab, encoding="ranked",
+                            id_rank=ranks_of(order))
+        _, got, _, _ = decode_block(data, vocab_size=vocab, encoding="ranked", id_order=order)
+        np.testing.assert_array_equal(got, ids)
+        with pytest.raises(DistilError, match="id table"):
+            decode_block(data, vocab_size=vocab, encoding="ranked")
 
 
 def test_quantizer_bound_is_tight_and_monotone():
@@ -94,6 +126,10 @@ def test_compact_encoding_is_at_most_2_bytes_per_entry_on_a_trained_lm(tiny_toke
     assert per_entry <= 2.0, per_entry
     naive = 12  # an int64 id and an fp32 value per entry
     assert per_entry < naive / 6
+    rank = ranks_of(frequency_order(ids[:4].numpy(), vocab_size=len(tiny_tokenizer)))
+    ranked = sum(len(encode_block(windows[i].astype(np.int64), ids[i].numpy(), lp[i].numpy(), tail[i].numpy(),
+                                  vocab_size=len(tiny_tokenizer), encoding="ranked", id_rank=rank)) for i in range(16))
+    assert ranked < size  # a table from the first 4 sequences already pays
 
 
 # -- writer -> reader --------------------------------------------------------------------------
@@ -124,7 +160,7 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_docs):
     teacher.save(root / "teacher")
     tiny_tokenizer.save_pretrained(str(root / "teacher"))
     cfg = lambda **s: config_from_dict(cfg_dict(root, corpus, **s))
-    caches = {enc: root / f"cache-{enc}" for enc in ("exact", "compact")}
+    caches = {enc: root / f"cache-{enc}" for enc in ("exact", "compact", "ranked")}
     for enc, path in caches.items():
         write_cache(cfg(), path, k=16, encoding=enc, shard_tokens=32 * 40, progress=False, batch_size=5, workers=2)
     return {"root": root, "corpus": corpus, "cfg": cfg, "caches": caches, "teacher": teacher}
@@ -157,6 +193,8 @@ def test_writer_reader_round_trip(world, tiny_tokenizer):
         same = (q_ids == ids.numpy()).all(-1)  # near-ties may swap order after quantisation
         assert same.mean() > 0.9
         assert np.abs(q_lp - lp.numpy())[same].max() <= 0.01
+        for got, want in zip(TeacherCache(world["caches"]["ranked"]).get(sequence), compact.get(sequence)):
+            np.testing.assert_array_equal(got, want)  # ranked = compact, decoded
 
 
 def test_stats_report_size_error_and_reconstruction_kl(world):
@@ -175,11 +213,42 @@ def test_stats_report_size_error_and_reconstruction_kl(world):
     assert printed["bytes_per_token"] == pytest.approx(stats["bytes_per_token"])
 
 
+def test_ranked_cache_keeps_its_id_table_and_refuses_a_damaged_one(world, tmp_path):
+    import shutil
+
+    ranked = TeacherCache(world["caches"]["ranked"])
+    m = ranked.manifest
+    assert m.settings.encoding == "ranked" and m.version == 2 and m.id_order["file"] == "id_order.npy"
+    assert "varint ranks" in m.dtype
+    copy = tmp_path / "ranked"
+    shutil.copytree(world["caches"]["ranked"], copy)
+    order = np.load(copy / "id_order.npy")
+    np.save(copy / "id_order.npy", order[::-1].copy())
+    with pytest.raises(DistilError, match="id table .* SHA-256"):
+        TeacherCache(copy)
+    (copy / "id_order.npy").unlink()
+    with pytest.raises(DistilError, match="id table .* is missing"):
+        TeacherCache(copy)
+
+
+def test_a_version_1_cache_still_reads(world, tmp_path):
+    import shutil
+
+    copy = tmp_path / "v1"
+    shutil.copytree(world["caches"]["compact"], copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["version"] = 1
+    del raw["id_order"]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    for got, want in zip(TeacherCache(copy).get(3), TeacherCache(world["caches"]["compact"]).get(3)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_resume_after_an_interrupted_write_gives_the_same_cache(world, monkeypatch, tmp_path):
     from distil.data import teacher_cache
 
     cfg = world["cfg"]()
-    reference = world["caches"]["compact"]
+    reference = world["caches"]["ranked"]
     target = tmp_path / "cache"
     calls = {"n": 0}
     real_add = teacher_cache._ShardFile.add
@@ -192,14 +261,15 @@ def test_resume_after_an_interrupted_write_gives_the_same_cache(world, monkeypat
 
     monkeypatch.setattr(teacher_cache._ShardFile, "add", dying_add)
     with pytest.raises(KeyboardInterrupt):
-        write_cache(cfg, target, k=16, encoding="compact", shard_tokens=32 * 40, progress=False, batch_size=5)
+        write_cache(cfg, target, k=16, shard_tokens=32 * 40, progress=False, batch_size=5)
     monkeypatch.setattr(teacher_cache._ShardFile, "add", real_add)
-    assert not (target / "manifest.json").exists()
+    assert not (target / "manifest.json").exists() and (target / "id_order.npy").is_file()
     assert sorted(p.name for p in target.glob("shard-*.bin")) == ["shard-00000.bin", "shard-00001.bin"]
     (target / ".shard-00002.bin.tmp").write_bytes(b"half a shard")  # as a SIGKILL would leave it
     with pytest.raises(DistilError, match="other settings"):
-        write_cache(cfg, target, k=8, encoding="compact", shard_tokens=32 * 40, progress=False)
-    write_cache(cfg, target, k=16, encoding="compact", shard_tokens=32 * 40, progress=False, batch_size=3)
+        write_cache(cfg, target, k=8, shard_tokens=32 * 40, progress=False)
+    # batch_size 3: a resumed writer must take the kept table, not make one from other first batches
+    write_cache(cfg, target, k=16, shard_tokens=32 * 40, progress=False, batch_size=3)
     assert not (target / ".shard-00002.bin.tmp").exists() and not (target / "progress.json").exists()
     a, b = TeacherCache(reference).manifest, TeacherCache(target).manifest
     assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]  # byte-identical shards

@@ -11,7 +11,7 @@ from distil.data.dataset import build_data
 from distil.errors import DistilError
 from distil.models import ModelConfig, TransformerLM
 from distil.train.loop import compute_loss, train
-from distil.train.run_dir import RunDir, read_metrics
+from distil.run_dir import RunDir, read_metrics
 from distil.train.teacher import Teacher, load_teacher
 
 

@@ -183,11 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field (repeatable)")
     p.add_argument("--out", help="cache folder to write (default: teacher.cache of the config)")
     p.add_argument("--k", type=int, help="entries kept per position (default: loss.topk, else 64)")
-    p.add_argument("--encoding", default="compact", choices=["compact", "exact"],
-                   help="compact: quantised log-probs, error < 0.01 nats where p >= 1e-4 (default); exact: float32")
+    p.add_argument("--encoding", default="ranked", choices=["ranked", "compact", "exact"],
+                   help="ranked (default): log-probs quantised (error < 0.01 nats where p >= 1e-4), ids renumbered "
+                        "by a per-cache frequency table; compact: the same quantisation, raw ids; exact: float32")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default: 8)")
     p.add_argument("--workers", type=int, default=2, help="threads encoding and compressing shards (default: 2)")
-    p.add_argument("--level", type=int, default=9, help="zstd compression level, 1-22 (default: 9)")
+    p.add_argument("--level", type=int, default=12, help="zstd compression level, 1-22 (default: 12)")
     p.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard file (default: 4194304)")
     p.add_argument("--overwrite", action="store_true", help="write the cache again even if complete or unfinished")
     p.add_argument("--stats", metavar="CACHE_DIR", help="report on an existing cache instead of writing one")
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--multi-token", default="first", choices=["first", "drop"],
                    help="a top_logprobs string that is several student tokens: keep its first id (default) or drop it")
-    p.add_argument("--encoding", default="compact", choices=["compact", "exact"])
+    p.add_argument("--encoding", default="ranked", choices=["ranked", "compact", "exact"],
+                   help="how the cache stores the log-probs (see cache-teacher --help; default ranked)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("--json", action="store_true", help="print the import counts as one JSON object")
     _add_common(p)
@@ -276,7 +278,7 @@ def cmd_train(args) -> None:
     from distil.train.distributed import barrier, init_distributed
     from distil.train.loop import train
     from distil.train.report import write_run_report
-    from distil.train.run_dir import RunDir
+    from distil.run_dir import RunDir
 
     cfg = load_config(args.config, args.overrides)
     info = init_distributed(cfg.train.device)

@@ -30,9 +30,9 @@ from distil.data.dataset import build_data
 from distil.data.tokenize import train_bpe_tokenizer
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
-from distil.report import format_params, markdown_table, plot_curves, smooth
+from distil.charts import format_params, markdown_table, plot_curves, smooth
 from distil.train.loop import train
-from distil.train.run_dir import RunDir
+from distil.run_dir import RunDir
 from distil.train.teacher import Teacher
 
 log = logging.getLogger("distil")

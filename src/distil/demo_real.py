@@ -38,10 +38,10 @@ from distil.eval.perplexity import evaluate_lm
 from distil.gguf import real_teacher
 from distil.hybrid import hybridize, select_layers
 from distil.models import load
-from distil.report import format_params, markdown_table, plot_curves
+from distil.charts import format_params, markdown_table, plot_curves
 from distil.train.cache_teacher import write_cache
 from distil.train.loop import train
-from distil.train.run_dir import RunDir
+from distil.run_dir import RunDir
 from distil.train.teacher import Teacher
 
 

@@ -189,12 +189,12 @@ def _prompt_ids(record: dict, tokenizer, where: str) -> list[int]:
 
 
 def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token: str = "first",
-                    encoding: str = "compact", overwrite: bool = False):
+                    encoding: str = "ranked", overwrite: bool = False):
     """Convert a JSONL of logged responses into a cache (one sequence per response)."""
     from distil.data.corpus import read_jsonl
     from distil.data.teacher_cache import CacheSettings, CacheWriter
     from distil.data.tokenize import tokenizer_hash
-    from distil.data.topk_codec import encode_block
+    from distil.data.topk_codec import encode_block, frequency_order
     from distil.fsutil import atomic_dir
 
     path = Path(path)
@@ -239,6 +239,10 @@ def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token
                              vocab_size=len(tokenizer), k=k, encoding=encoding, source="import")
     writer = CacheWriter(out, settings, total_sequences=len(sequences), sequences_per_shard=4096, overwrite=overwrite)
     writer_start = writer.next_sequence
+    if writer.needs_id_order:  # every response is in memory: the table counts them all
+        seen = [i for _, entries in sequences for e in entries.values() for i in e]
+        writer.set_id_order(frequency_order(np.asarray(seen, dtype=np.int64), vocab_size=len(tokenizer),
+                                            tokens=np.concatenate([t for t, _ in sequences])))
     for tokens, entries in sequences[writer_start:]:
         n = len(tokens) - 1
         ids = np.full((n, k), -1, dtype=np.int64)
@@ -247,7 +251,8 @@ def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token
             ids[position, : len(merged)] = list(merged.keys())
             logprobs[position, : len(merged)] = list(merged.values())
         tail = _tail_of_present(torch.from_numpy(ids), torch.from_numpy(logprobs)).numpy()
-        writer.add_block(encode_block(tokens, ids, logprobs, tail, vocab_size=len(tokenizer), encoding=encoding), n)
+        writer.add_block(encode_block(tokens, ids, logprobs, tail, vocab_size=len(tokenizer), encoding=encoding,
+                                      id_rank=writer.id_rank), n)
     counts = dict(mapper.counts)
     entries_total = sum(counts.values())
     stats = {"responses": len(sequences), "positions": positions_total, "positions_with_entries": positions_with_entries,

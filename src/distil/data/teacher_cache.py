@@ -12,6 +12,8 @@ Layout of a cache folder::
 
     manifest.json        written last: a folder without it is an unfinished cache
     progress.json        while writing: settings and the completed shards (for resuming)
+    id_order.npy         ``ranked`` encoding: the id frequency table (uint32 [vocab]), written
+                         before the first shard; its SHA-256 is in progress.json and the manifest
     shard-00000.bin ...  blocks (one per sequence, see distil.data.topk_codec), then an index
                          (block offsets, positions and CRC32 per block) and a footer
 
@@ -35,14 +37,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distil.data.topk_codec import ABSENT_LOGPROB, COARSE, CUT, ENCODINGS, STEP, decode_block
+from distil.data.topk_codec import (ABSENT_LOGPROB, COARSE, CUT, DEFAULT_ENCODING, ENCODINGS, LEVEL, STEP,
+                                    decode_block, ranks_of)
 from distil.errors import DistilError
 from distil.fsutil import atomic_write_text, fsync_dir
 
 log = logging.getLogger("distil")
 
 FORMAT = "distil-topk-cache"
-VERSION = 1
+VERSION = 2  # 2 added the ranked encoding and its id table; 1 reads the same
+READS_VERSIONS = (1, 2)
+ID_ORDER_FILE = "id_order.npy"
 MAGIC = b"DSTLTOPK"
 _FOOTER = struct.Struct("<QQ8s")  # index offset, number of blocks, magic
 
@@ -56,12 +61,12 @@ class CacheSettings:
     vocab_size: int
     k: int
     temperature: float = 1.0
-    encoding: str = "compact"
+    encoding: str = DEFAULT_ENCODING
     source: str = "teacher"  # teacher (aligned with data windows) | api | import (sequences of its own)
     seq_len: int | None = None  # teacher / api: data.seq_len of the windows
     document_attention: bool = False
     tokens_sha256: str | None = None  # teacher / api: the token stream the cache is aligned to
-    level: int = 9  # zstd level
+    level: int = LEVEL  # zstd level
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -80,6 +85,7 @@ class Manifest:
     shards: list[dict] = field(default_factory=list)  # {file, first_sequence, sequences, bytes, sha256}
     stats: dict = field(default_factory=dict)  # e.g. import counts
     dtype: str = ""  # how values are stored (from the encoding), for readers of the JSON
+    id_order: dict | None = None  # ranked: {file, sha256} of the id frequency table
     format: str = FORMAT
     version: int = VERSION
 
@@ -92,8 +98,9 @@ class Manifest:
             raw = json.loads(path.read_text())
             if raw.get("format") != FORMAT:
                 raise DistilError(f"{path} is not a distil top-k cache manifest")
-            if raw.get("version") != VERSION:
-                raise DistilError(f"{path} has cache format version {raw.get('version')}; this distil reads {VERSION}")
+            if raw.get("version") not in READS_VERSIONS:
+                raise DistilError(f"{path} has cache format version {raw.get('version')}; this distil reads "
+                                  f"{', '.join(map(str, READS_VERSIONS))}")
             return cls(settings=CacheSettings(**raw.pop("settings")), **raw)
         except (json.JSONDecodeError, TypeError, KeyError) as e:
             raise DistilError(f"{path} is not a valid cache manifest: {e}") from e
@@ -117,6 +124,34 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+def save_id_order(path: Path, order: np.ndarray) -> str:
+    """Write a ranked cache's id table atomically; returns its SHA-256."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.asarray(order, dtype="<u4"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return file_sha256(path)
+
+
+def load_id_order(path: Path, *, vocab_size: int, sha256: str | None) -> np.ndarray:
+    """A ranked cache's id table, checked against its recorded SHA-256 and the vocabulary."""
+    if not path.is_file():
+        raise DistilError(f"the ranked cache's id table {path} is missing")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise DistilError(f"the id table {path} fails its SHA-256 checksum: corrupt or from another cache")
+    try:
+        order = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DistilError(f"the id table {path} is unreadable: {e}") from e
+    if order.shape != (vocab_size,):
+        raise DistilError(f"the id table {path} has {order.size} entries; the cache's vocabulary has {vocab_size}")
+    ranks_of(order)  # a permutation, or an error
+    return order.astype(np.int64)
 
 
 def shard_name(index: int) -> str:
@@ -167,6 +202,10 @@ class CacheWriter:
 
     ``next_sequence`` is where writing continues (0 for a fresh cache): completed shards of an
     interrupted run are kept (after their SHA-256 is checked), the partial one is redone.
+
+    A ``ranked`` cache needs its id table before the first block: ``id_order`` is the table kept
+    from an interrupted run, else None until ``set_id_order`` (``topk_codec.frequency_order`` of
+    the top-k over the first ``ORDER_SAMPLE`` positions); ``id_rank`` is what ``encode_block`` takes.
     """
 
     def __init__(self, path: str | Path, settings: CacheSettings, *, total_sequences: int, sequences_per_shard: int,
@@ -185,14 +224,36 @@ class CacheWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         self.shards: list[dict] = []
         self.num_tokens = 0
+        self.id_order: np.ndarray | None = None
+        self.id_rank: np.ndarray | None = None
+        self._id_order_sha: str | None = None
         self._resume()
         self.next_sequence = sum(s["sequences"] for s in self.shards)
         self._current: _ShardFile | None = None
         self._in_current = 0
 
     def _cache_files(self):
-        return [f for f in self.path.iterdir() if f.name in ("manifest.json", "progress.json")
-                or (f.name.startswith(("shard-", ".shard-")) and f.name.endswith((".bin", ".tmp")))]
+        return [f for f in self.path.iterdir() if f.name in ("manifest.json", "progress.json", ID_ORDER_FILE)
+                or (f.name.startswith(("shard-", ".shard-")) and f.name.endswith((".bin", ".tmp")))
+                or f.name == f".{ID_ORDER_FILE}.tmp"]
+
+    @property
+    def needs_id_order(self) -> bool:
+        return self.settings.encoding == "ranked" and self.id_order is None
+
+    def set_id_order(self, order: np.ndarray) -> None:
+        """Fix a ranked cache's id table (before the first block)."""
+        if self.settings.encoding != "ranked":
+            raise DistilError(f"an id table is for the ranked encoding, not {self.settings.encoding!r}")
+        if self.next_sequence or self._current is not None:
+            raise DistilError("the id table must be set before the first block")
+        order = np.asarray(order)
+        self.id_rank = ranks_of(order)
+        if len(order) != self.settings.vocab_size:
+            raise DistilError(f"the id table has {len(order)} entries; the vocabulary has {self.settings.vocab_size}")
+        self._id_order_sha = save_id_order(self.path / ID_ORDER_FILE, order)
+        self.id_order = order.astype(np.int64)
+        self._save_progress()
 
     def _progress(self) -> dict:
         return {"settings": asdict(self.settings), "total_sequences": self.total, "sequences_per_shard": self.per_shard}
@@ -200,6 +261,7 @@ class CacheWriter:
     def _resume(self) -> None:
         progress_file = self.path / "progress.json"
         kept: list[dict] = []
+        order_sha = None
         if progress_file.exists():
             try:
                 progress = json.loads(progress_file.read_text())
@@ -211,6 +273,16 @@ class CacheWriter:
                 if theirs != value:
                     raise DistilError(f"{self.path} holds an unfinished cache written with other settings ({key}: "
                                       f"{theirs} there, {value} now); pass --overwrite to start again")
+            order_sha = progress.get("id_order_sha256")
+            if order_sha is not None:
+                try:
+                    self.id_order = load_id_order(self.path / ID_ORDER_FILE, vocab_size=self.settings.vocab_size,
+                                                  sha256=order_sha)
+                    self.id_rank = ranks_of(self.id_order)
+                    self._id_order_sha = order_sha
+                except DistilError as e:  # the shards were encoded with it: all are redone
+                    log.warning("%s; the cache is started again", e)
+                    progress["shards"] = []
             for shard in progress.get("shards", []):
                 f = self.path / shard["file"]
                 if f.is_file() and f.stat().st_size == shard["bytes"] and file_sha256(f) == shard["sha256"]:
@@ -218,6 +290,8 @@ class CacheWriter:
                 else:
                     break  # this shard and everything after it are redone
         names = {s["file"] for s in kept}
+        if self.id_order is not None:
+            names.add(ID_ORDER_FILE)
         for f in self._cache_files():  # partial shards, shards after a damaged one
             if f.name != "progress.json" and f.name not in names:
                 f.unlink()
@@ -229,10 +303,13 @@ class CacheWriter:
         self._save_progress()
 
     def _save_progress(self) -> None:
-        atomic_write_text(self.path / "progress.json", json.dumps({**self._progress(), "shards": self.shards}, indent=1))
+        atomic_write_text(self.path / "progress.json", json.dumps(
+            {**self._progress(), "id_order_sha256": self._id_order_sha, "shards": self.shards}, indent=1))
 
     def add_block(self, block: bytes, positions: int) -> None:
-        """Append one encoded sequence (``topk_codec.encode_block``)."""
+        """Append one encoded sequence (``topk_codec.encode_block``, with ``id_rank`` when ranked)."""
+        if self.needs_id_order:
+            raise DistilError("a ranked cache needs its id table (set_id_order) before the first block")
         if self.next_sequence >= self.total:
             raise DistilError(f"the cache was planned for {self.total} sequences; got more")
         if self._current is None:
@@ -257,10 +334,15 @@ class CacheWriter:
     def finish(self, stats: dict | None = None) -> Manifest:
         if self.next_sequence != self.total:
             raise DistilError(f"the cache holds {self.next_sequence} of {self.total} planned sequences")
+        if self.needs_id_order:
+            raise DistilError("a ranked cache needs its id table (set_id_order)")
         dtype = ("float32 log-probs and tail" if self.settings.encoding == "exact" else
                  f"uint16 log-space codes (step {STEP} nats above {CUT}, {COARSE} below), stored as differences")
+        if self.settings.encoding == "ranked":
+            dtype += "; ids as varint ranks in the id table"
+        id_order = {"file": ID_ORDER_FILE, "sha256": self._id_order_sha} if self._id_order_sha else None
         manifest = Manifest(settings=self.settings, num_sequences=self.total, num_tokens=self.num_tokens,
-                            shards=self.shards, stats=stats or {}, dtype=dtype)
+                            shards=self.shards, stats=stats or {}, dtype=dtype, id_order=id_order)
         atomic_write_text(self.path / "manifest.json", manifest.to_json())
         (self.path / "progress.json").unlink(missing_ok=True)
         return manifest
@@ -289,6 +371,12 @@ class TeacherCache:
                                   "truncated or corrupt")
             starts.append(shard["first_sequence"])
         self._starts = np.asarray(starts, dtype=np.int64)
+        self.id_order = None
+        if self.settings.encoding == "ranked":
+            if not self.manifest.id_order:
+                raise DistilError(f"{manifest}: a ranked cache without its id table entry")
+            self.id_order = load_id_order(self.path / self.manifest.id_order["file"], vocab_size=self.settings.vocab_size,
+                                          sha256=self.manifest.id_order["sha256"])
         if sum(s["sequences"] for s in self.manifest.shards) != self.manifest.num_sequences:
             raise DistilError(f"{manifest}: the shards hold a different number of sequences than the manifest says")
         self._maps: dict[int, tuple] = {}
@@ -333,7 +421,8 @@ class TeacherCache:
         if zlib.crc32(block) != int(crcs[i]):
             raise DistilError(f"cache shard {self.path / self.manifest.shards[shard]['file']} is corrupt: block {i} "
                               "fails its CRC32 checksum")
-        out = decode_block(memoryview(block), vocab_size=self.settings.vocab_size, encoding=self.settings.encoding)
+        out = decode_block(memoryview(block), vocab_size=self.settings.vocab_size, encoding=self.settings.encoding,
+                           id_order=self.id_order)
         if out[1].shape[0] != int(positions[i]):
             raise DistilError(f"cache shard {self.manifest.shards[shard]['file']} is corrupt: block {i} has the wrong length")
         return out

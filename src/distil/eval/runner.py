@@ -14,7 +14,7 @@ def run_eval(args) -> dict:
     from distil.eval.multiple_choice import load_items, score_multiple_choice
     from distil.eval.perplexity import evaluate_lm
     from distil.models import load
-    from distil.train.run_dir import RunDir
+    from distil.run_dir import RunDir
 
     if not args.data and not args.mc and not args.lm_eval:
         raise DistilError("nothing to evaluate: give --data (loss/perplexity), --mc (multiple choice) or --lm-eval TASKS")

@@ -7,7 +7,10 @@ Sequence i of the cache is training window i of ``build_data(cfg.data)`` (concat
 ``data.seq_len``), so a run with ``teacher.source: cache`` sees, batch for batch, what the online
 teacher would have given with ``loss.topk = k``. The teacher runs at ``--batch-size`` sequences per
 forward; encoding and compression run on ``--workers`` threads beside it. The tokenizer is saved in
-the cache folder, so training from the cache needs nothing else of the teacher.
+the cache folder, so training from the cache needs nothing else of the teacher. With the ``ranked``
+encoding (the default) the teacher's top-k over the first ``ORDER_SAMPLE`` positions (16384: 64
+windows of 256) is held back until the id frequency table is made from it
+(``topk_codec.frequency_order``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from distil.config import Config
 from distil.data.packing import batch_tensors
 from distil.data.teacher_cache import CacheSettings, CacheWriter, Manifest, TeacherCache, tokens_sha256
 from distil.data.tokenize import tokenizer_hash
-from distil.data.topk_codec import check_logprobs, encode_block
+from distil.data.topk_codec import DEFAULT_ENCODING, LEVEL, ORDER_SAMPLE, check_logprobs, encode_block, frequency_order
 from distil.errors import DistilError
 from distil.losses.topk import teacher_topk
 
@@ -35,8 +38,8 @@ log = logging.getLogger("distil")
 DEFAULT_SHARD_TOKENS = 1 << 22
 
 
-def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = "compact", batch_size: int = 8,
-                workers: int = 2, overwrite: bool = False, level: int = 9, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DEFAULT_ENCODING, batch_size: int = 8,
+                workers: int = 2, overwrite: bool = False, level: int = LEVEL, shard_tokens: int = DEFAULT_SHARD_TOKENS,
                 progress: bool = True, device: str | None = None, teacher=None, tokenizer=None, data=None) -> Manifest:
     """Write (or finish) the cache of ``cfg``'s teacher over its training windows into ``out``."""
     from distil.fsutil import atomic_dir
@@ -78,6 +81,18 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = "c
     bar = tqdm(total=len(windows) * cfg.data.seq_len, initial=start * cfg.data.seq_len, unit="tok", unit_scale=True,
                desc="cache-teacher", disable=not progress, dynamic_ncols=True)
     pending: collections.deque = collections.deque()
+    held: list[tuple] = []  # ranked: sequences waiting for the id table
+
+    def submit(rows) -> None:
+        for tokens, ids, logprobs, tail in rows:
+            pending.append(pool.submit(_encode, tokens, ids, logprobs, tail, vocab_size, encoding, level,
+                                       writer.id_rank))
+
+    def fix_id_order() -> None:
+        writer.set_id_order(frequency_order(np.stack([h[1] for h in held]), vocab_size=vocab_size,
+                                            tokens=np.stack([h[0] for h in held])))
+        submit(held)
+        held.clear()
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
@@ -98,11 +113,17 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = "c
                     ids, logprobs, tail = teacher_topk(logits, k, temperature=temperature)
                 ids, logprobs, tail = ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy()
                 check_logprobs(logprobs, f"teacher output for sequences {index[0]}..{index[-1]}", ids >= 0)
-                for row, sequence in enumerate(index):
-                    tokens = np.asarray(windows[sequence], dtype=np.int64)
-                    pending.append(pool.submit(_encode, tokens, ids[row], logprobs[row], tail[row], vocab_size,
-                                               encoding, level))
+                rows = [(np.asarray(windows[sequence], dtype=np.int64), ids[row], logprobs[row], tail[row])
+                        for row, sequence in enumerate(index)]
+                if writer.needs_id_order:
+                    held.extend(rows)
+                    if len(held) * cfg.data.seq_len >= ORDER_SAMPLE or len(held) == len(windows) - start:
+                        fix_id_order()
+                else:
+                    submit(rows)
                 drain(4 * workers * batch_size)
+            if held:
+                fix_id_order()
             drain(0)
     except BaseException:
         writer.abort()
@@ -115,8 +136,10 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = "c
     return manifest
 
 
-def _encode(tokens, ids, logprobs, tail, vocab_size, encoding, level):
-    return encode_block(tokens, ids, logprobs, tail, vocab_size=vocab_size, encoding=encoding, level=level), ids.shape[0]
+def _encode(tokens, ids, logprobs, tail, vocab_size, encoding, level, id_rank):
+    block = encode_block(tokens, ids, logprobs, tail, vocab_size=vocab_size, encoding=encoding, level=level,
+                         id_rank=id_rank)
+    return block, ids.shape[0]
 
 
 P_MIN = 1e-4  # the encoding's error bound holds for entries at least this likely

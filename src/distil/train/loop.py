@@ -39,7 +39,7 @@ from distil.models.transformer import ModelConfig, TransformerLM
 from distil.train.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from distil.train.distributed import all_reduce_mean, barrier, init_distributed, parallelize
 from distil.train.guard import SpikeGuard
-from distil.train.run_dir import RunDir
+from distil.run_dir import RunDir
 from distil.train.schedule import lr_multiplier
 from distil.train.teacher import Teacher, load_teacher
 

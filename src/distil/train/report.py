@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distil.report import format_params, markdown_table, plot_curves, smooth
+from distil.charts import format_params, markdown_table, plot_curves, smooth
 
 
 def write_run_report(run, cfg, result) -> Path:

@@ -32,12 +32,12 @@ from distil.fsutil import atomic_write_text
 from distil.hybrid.placement import layer_scores
 from distil.hybrid.progressive import convert_progressively
 from distil.models import load
-from distil.report import markdown_table, plot_curves
+from distil.charts import markdown_table, plot_curves
 from distil.train.checkpoint import latest_checkpoint
 from distil.train.distributed import barrier, init_distributed
 from distil.train.loop import TrainResult, check_vocabularies, prepare, train
 from distil.train.report import write_run_report
-from distil.train.run_dir import RunDir
+from distil.run_dir import RunDir
 
 log = logging.getLogger("distil")
 
