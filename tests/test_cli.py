@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distil.models import ModelConfig, TransformerLM
+from distil.models.io import save_native
 
 COMMANDS = ["demo", "train", "eval", "export", "info"]
 
@@ -84,7 +85,7 @@ def test_empty_corpus_is_one_line(tmp_path):
 def test_train_distils_end_to_end_and_eval_export(tmp_path, tiny_tokenizer, tiny_corpus_file):
     torch.manual_seed(0)
     teacher = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=1, n_heads=2))
-    teacher.save(tmp_path / "teacher")
+    save_native(teacher, tmp_path / "teacher")
     tiny_tokenizer.save_pretrained(str(tmp_path / "teacher"))
     run = tmp_path / "run"
     args = ["train", "configs/debug-kd.yaml", "--set", f"teacher.path={tmp_path / 'teacher'}", "--set", "data.source=jsonl",
@@ -128,7 +129,7 @@ def test_train_distils_end_to_end_and_eval_export(tmp_path, tiny_tokenizer, tiny
 def test_hybridize_generate_and_export_a_hybrid(tmp_path, tiny_tokenizer, tiny_corpus_file):
     torch.manual_seed(0)
     teacher = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=4, n_heads=2))
-    teacher.save(tmp_path / "teacher")
+    save_native(teacher, tmp_path / "teacher")
     tiny_tokenizer.save_pretrained(str(tmp_path / "teacher"))
     out = distil("hybridize", str(tmp_path / "teacher"), "--out", str(tmp_path / "hybrid"), "--num-ssm", "2",
                  "--placement", "uniform", "--data", str(tiny_corpus_file), "--seq-len", "32", "--samples", "4",
@@ -168,7 +169,7 @@ def test_train_converts_in_stages_and_an_interrupted_run_continues(tmp_path, tin
     its last stage (after a checkpoint) continues to the same final model as the uninterrupted run."""
     torch.manual_seed(0)
     teacher = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=4, n_heads=2))
-    teacher.save(tmp_path / "teacher")
+    save_native(teacher, tmp_path / "teacher")
     tiny_tokenizer.save_pretrained(str(tmp_path / "teacher"))
     run = tmp_path / "run"
     args = ["train", "configs/hybrid-progressive.yaml", "--set", f"teacher.path={tmp_path / 'teacher'}",

@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from distil.models import ModelConfig, TransformerLM
-from distil.train.guard import SpikeGuard
+from distil.models.io import save_native
 from distil.run_dir import read_metrics
+from distil.train.guard import SpikeGuard
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -22,7 +23,7 @@ ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 def _setup(tmp_path, tokenizer, corpus, **train):
     torch.manual_seed(0)
     teacher = TransformerLM(ModelConfig(vocab_size=len(tokenizer), d_model=48, n_layers=2, n_heads=2))
-    teacher.save(tmp_path / "teacher")
+    save_native(teacher, tmp_path / "teacher")
     tokenizer.save_pretrained(str(tmp_path / "teacher"))
     cfg = {
         "teacher": {"source": "model", "path": str(tmp_path / "teacher")},
@@ -119,8 +120,8 @@ def test_spike_guard_logic():
 
 def test_guard_skips_non_finite_steps_and_rolls_back_spikes(tmp_path, tiny_tokenizer, tiny_corpus_file, monkeypatch):
     from distil.config import load_config
-    from distil.train import loop
     from distil.run_dir import RunDir
+    from distil.train import loop
 
     cfg_path = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=14, checkpoint_every=4, spike_factor=3.0,
                       spike_patience=2, spike_window=20)

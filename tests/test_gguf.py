@@ -104,7 +104,7 @@ def test_gguf_loads_into_distil_with_exact_logits(tiny_gguf, tiny_tokenizer):
 
 
 def test_gguf_teacher_is_native_and_converted_once(tiny_gguf, tmp_path):
-    from distil.train.teacher import load_teacher
+    from distil.teachers import load_teacher
 
     path, hf = tiny_gguf
     teacher = load_teacher(path)

@@ -20,6 +20,7 @@ import torch
 
 from distil.config import load_config
 from distil.models import ModelConfig, TransformerLM
+from distil.models.io import save_native
 from distil.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def debug_runs(tmp_path_factory):
     teacher_dir = tmp_path_factory.mktemp("golden") / "teacher"
     torch.manual_seed(1234)
     teacher = TransformerLM(ModelConfig(vocab_size=len(ce.tokenizer), d_model=64, n_layers=2, n_heads=2))
-    teacher.save(teacher_dir)
+    save_native(teacher, teacher_dir)
     ce.tokenizer.save_pretrained(str(teacher_dir))
     out["debug-kd"] = train(load_config(ROOT / "configs" / "debug-kd.yaml", [
         f"teacher.path={teacher_dir}", "train.progress=false", "train.device=cpu"]))

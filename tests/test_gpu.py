@@ -114,12 +114,11 @@ def test_fused_loss_on_cuda_matches_materialised(dtype, kind):
 def test_bf16_training_steps_run_and_learn(tmp_path, tiny_tokenizer, tiny_corpus_file):
     from distil.config import config_from_dict
     from distil.models import ModelConfig, TransformerLM
+    from distil.teachers import ModelTeacher
     from distil.train.loop import train
-    from distil.train.teacher import Teacher
 
     torch.manual_seed(0)
-    teacher = Teacher(TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=64, n_layers=2, n_heads=2)),
-                      native=True)
+    teacher = ModelTeacher(TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=64, n_layers=2, n_heads=2)))
     cfg = config_from_dict({
         "teacher": {"source": "model", "path": "unused"},
         "student": {"d_model": 64, "n_layers": 2, "n_heads": 2},
@@ -155,8 +154,8 @@ def test_bf16_hybrid_training_on_cuda(tmp_path, tiny_tokenizer, tiny_corpus_file
     from distil.config import config_from_dict
     from distil.hybrid import hybridize
     from distil.models import ModelConfig, TransformerLM
+    from distil.teachers import ModelTeacher
     from distil.train.loop import train
-    from distil.train.teacher import Teacher
 
     torch.manual_seed(0)
     base = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=64, n_layers=2, n_heads=2))
@@ -170,6 +169,6 @@ def test_bf16_hybrid_training_on_cuda(tmp_path, tiny_tokenizer, tiny_corpus_file
         "train": {"steps": 15, "batch_size": 4, "lr": 3e-3, "device": "cuda", "dtype": "bfloat16", "progress": False,
                   "val_every": 0},
     })
-    result = train(cfg, tokenizer=tiny_tokenizer, teacher=Teacher(base, native=True), student=student)
+    result = train(cfg, tokenizer=tiny_tokenizer, teacher=ModelTeacher(base), student=student)
     losses = [h["loss"] for h in result.history]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

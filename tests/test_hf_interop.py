@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from distil.errors import DistilError
-from distil.models import ModelConfig, TransformerLM, load
+from distil.models import ModelConfig, TransformerLM, load, load_hf, save_hf
+from distil.models.io import save_native
 
 
 def _hf_model(kind: str):
@@ -37,7 +38,7 @@ def _hf_model(kind: str):
 def test_from_hf_matches_transformers(tmp_path, kind):
     hf = _hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
-    ours = TransformerLM.from_hf(tmp_path / "hf").eval()
+    ours = load_hf(tmp_path / "hf").eval()
     ids = torch.randint(0, 97, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
@@ -47,8 +48,8 @@ def test_from_hf_matches_transformers(tmp_path, kind):
 def test_save_hf_loads_in_transformers(tmp_path, kind):
     hf = _hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
-    ours = TransformerLM.from_hf(tmp_path / "hf").eval()
-    ours.save_hf(tmp_path / "export")
+    ours = load_hf(tmp_path / "hf").eval()
+    save_hf(ours, tmp_path / "export")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert type(back).__name__ == type(hf).__name__
     ids = torch.randint(0, 97, (2, 11))
@@ -59,7 +60,7 @@ def test_save_hf_loads_in_transformers(tmp_path, kind):
 def test_fresh_distil_model_exports_as_llama(tmp_path):
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16)).eval()
-    model.save_hf(tmp_path / "export")
+    save_hf(model, tmp_path / "export")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     ids = torch.randint(0, 50, (1, 9))
     with torch.no_grad():
@@ -69,7 +70,7 @@ def test_fresh_distil_model_exports_as_llama(tmp_path):
 def test_native_checkpoint_reloads_exactly(tmp_path):
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, tie_embeddings=False, qkv_bias=True))
-    model.save(tmp_path / "ckpt")
+    save_native(model, tmp_path / "ckpt")
     again = load(tmp_path / "ckpt")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
@@ -79,7 +80,7 @@ def test_native_checkpoint_reloads_exactly(tmp_path):
 
 def test_tied_checkpoint_stays_tied(tmp_path):
     model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2))
-    model.save(tmp_path / "ckpt")
+    save_native(model, tmp_path / "ckpt")
     again = load(tmp_path / "ckpt")
     assert again.lm_head.weight is again.embed_tokens.weight
 
@@ -88,7 +89,7 @@ def test_missing_and_corrupt_checkpoints_are_user_errors(tmp_path):
     with pytest.raises(DistilError, match="not found"):
         load(tmp_path / "nope")
     model = TransformerLM(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2))
-    model.save(tmp_path / "ckpt")
+    save_native(model, tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(DistilError, match="corrupt"):

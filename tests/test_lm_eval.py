@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from distil.models.io import save_native
+
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
 
 
@@ -19,7 +21,7 @@ def test_lm_eval_runs_a_distil_model_on_a_local_task(tmp_path, tiny_tokenizer, t
     torch.manual_seed(0)
     base = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=2, n_heads=2))
     model = hybridize(base, [1], d_state=8, chunk_size=8, init="mil_plain")  # a hybrid goes through lm-eval too
-    model.save(tmp_path / "model")
+    save_native(model, tmp_path / "model")
     tiny_tokenizer.save_pretrained(str(tmp_path / "model"))
     records = []
     for i, doc in enumerate(tiny_docs[:12]):

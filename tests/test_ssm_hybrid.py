@@ -12,6 +12,7 @@ from distil.hybrid.progressive import convert_progressively
 from distil.models import DiscreteMamba2Mixer, Mamba2Mixer, ModelConfig, TransformerLM, load
 from distil.models.export import export_hf
 from distil.models.generate import generate
+from distil.models.io import save_native
 from distil.models.ssm import ssd_chunked, ssd_sequential
 
 
@@ -218,14 +219,14 @@ def test_converted_and_reloaded_hybrids_order_their_parameters_alike(tmp_path):
     parameters as the same model loaded from disk does, or resuming its training breaks."""
     hybrid = hybridize(_teacher(), [0, 2], mixer="discrete_mamba2", d_state=8, init="mil_plain")
     hybrid = hybridize(hybrid, [1], d_state=8, init="mil_plain")
-    hybrid.save(tmp_path / "h")
+    save_native(hybrid, tmp_path / "h")
     assert [n for n, _ in hybrid.named_parameters()] == [n for n, _ in load(tmp_path / "h").named_parameters()]
 
 
 def test_native_save_load_of_hybrids_is_exact(tmp_path):
     hybrid = hybridize(hybridize(_teacher(), [1], chunk_size=8, init="mil_plain"), [3], mixer="discrete_mamba2", chunk_size=8, init="mil_plain").eval()
     assert hybrid.config.pattern == "AMAD"
-    hybrid.save(tmp_path / "h")
+    save_native(hybrid, tmp_path / "h")
     again = load(tmp_path / "h").eval()
     x = torch.randint(0, 61, (2, 11))
     with torch.no_grad():
@@ -355,12 +356,12 @@ def test_training_a_hybrid_student_lowers_its_kl(tmp_path, tiny_tokenizer, tiny_
     from distil.config import config_from_dict
     from distil.data.dataset import build_data
     from distil.eval.perplexity import evaluate_lm
+    from distil.teachers import ModelTeacher
     from distil.train.loop import train
-    from distil.train.teacher import Teacher
 
     torch.manual_seed(0)
     teacher_model = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=48, n_layers=2, n_heads=4))
-    teacher = Teacher(teacher_model, native=True)
+    teacher = ModelTeacher(teacher_model)
     cfg = config_from_dict({
         "teacher": {"source": "model", "path": "unused"},
         "data": {"source": "jsonl", "path": str(tiny_corpus_file), "seq_len": 32, "val_fraction": 0.2},

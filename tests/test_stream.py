@@ -91,13 +91,12 @@ def test_streamed_documents_equal_whole_documents():
 
 def test_stream_training_resumes_exactly(tmp_path, tiny_tokenizer, tiny_corpus_file):
     from distil.config import config_from_dict
-    from distil.train.loop import train
     from distil.run_dir import RunDir
-    from distil.train.teacher import Teacher
+    from distil.teachers import ModelTeacher
+    from distil.train.loop import train
 
     torch.manual_seed(0)
-    teacher = Teacher(TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=2, n_heads=2)),
-                      native=True)
+    teacher = ModelTeacher(TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=2, n_heads=2)))
 
     def cfg(steps):
         return config_from_dict({

@@ -14,12 +14,20 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from distil.config import config_from_dict
-from distil.data.teacher_cache import CacheBatches, TeacherCache
-from distil.data.topk_codec import (STEP, decode_block, dequantize, encode_block, frequency_order, quantize,
-                                    ranks_of)
+from distil.data.teacher_cache import TeacherCache
+from distil.data.topk_codec import (
+    STEP,
+    decode_block,
+    dequantize,
+    encode_block,
+    frequency_order,
+    quantize,
+    ranks_of,
+)
 from distil.errors import DistilError
 from distil.losses.topk import teacher_topk
 from distil.models import ModelConfig, TransformerLM
+from distil.models.io import save_native
 from distil.train.cache_teacher import cache_stats, write_cache
 from distil.train.loop import train
 
@@ -157,7 +165,7 @@ def world(tmp_path_factory, tiny_tokenizer, tiny_docs):
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_docs))
     torch.manual_seed(123)
     teacher = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=48, n_layers=2, n_heads=2))
-    teacher.save(root / "teacher")
+    save_native(teacher, root / "teacher")
     tiny_tokenizer.save_pretrained(str(root / "teacher"))
     cfg = lambda **s: config_from_dict(cfg_dict(root, corpus, **s))
     caches = {enc: root / f"cache-{enc}" for enc in ("exact", "compact", "ranked")}
@@ -318,8 +326,10 @@ def test_dataloader_workers_and_ranks_read_the_same_batches(world, tiny_tokenize
     cache = TeacherCache(cache_dir)
     kw = dict(batch_size=4, seed=0, sampler_state=None, seq_len=32, windows=data.train_windows,
               doc_ids=data.train_doc_ids)
-    whole = iter(CacheBatches(cache, **kw))
-    ranks = [iter(CacheBatches(cache, rank=r, world_size=2, **kw)) for r in range(2)]
+    from distil.train.batches import CacheDataset
+
+    whole = iter(CacheDataset(cache, **kw))
+    ranks = [iter(CacheDataset(cache, rank=r, world_size=2, **kw)) for r in range(2)]
     for _ in range(5):
         full, parts = next(whole), [next(r) for r in ranks]
         torch.testing.assert_close(torch.cat([p["input_ids"] for p in parts]), full["input_ids"])
@@ -414,14 +424,14 @@ def test_writer_rejects_nan_logprobs_and_k_larger_than_the_vocabulary(world, mon
     cfg = world["cfg"]()
     with pytest.raises(DistilError, match="k = 301 is larger than the vocabulary"):
         write_cache(cfg, tmp_path / "big-k", k=301, progress=False)
-    from distil.train import cache_teacher
+    from distil.teachers import model as model_teacher
 
     def nan_topk(logits, k, temperature=1.0):
         ids, lp, tail = teacher_topk(logits, k, temperature=temperature)
         lp[0, 3, 2] = float("nan")
         return ids, lp, tail
 
-    monkeypatch.setattr(cache_teacher, "teacher_topk", nan_topk)
+    monkeypatch.setattr(model_teacher, "teacher_topk", nan_topk)
     with pytest.raises(DistilError, match=r"log-prob nan at entry \(0, 3, 2\)"):
         write_cache(cfg, tmp_path / "nan", k=4, progress=False)
     assert not (tmp_path / "nan" / "manifest.json").exists()

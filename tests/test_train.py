@@ -9,10 +9,12 @@ import torch
 from distil.config import config_from_dict
 from distil.data.dataset import build_data
 from distil.errors import DistilError
+from distil.losses.objective import DistillLoss
 from distil.models import ModelConfig, TransformerLM
-from distil.train.loop import compute_loss, train
+from distil.models.io import save_native
 from distil.run_dir import RunDir, read_metrics
-from distil.train.teacher import Teacher, load_teacher
+from distil.teachers import ModelTeacher, load_teacher
+from distil.train.loop import compute_loss, train
 
 
 def tiny_cfg(tmp_path, **sections):
@@ -30,13 +32,13 @@ def tiny_cfg(tmp_path, **sections):
     return config_from_dict(base)
 
 
-def make_teacher(tokenizer, path=None) -> Teacher:
+def make_teacher(tokenizer, path=None) -> ModelTeacher:
     torch.manual_seed(123)
     model = TransformerLM(ModelConfig(vocab_size=len(tokenizer), d_model=48, n_layers=2, n_heads=2))
     if path is not None:
-        model.save(path)
+        save_native(model, path)
         tokenizer.save_pretrained(str(path))
-    return Teacher(model, native=True)
+    return ModelTeacher(model)
 
 
 # Per-step training losses of the fixed-seed smoke run below (fp32, CPU). A change that alters
@@ -83,11 +85,12 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path, tiny_tokenizer, tin
     ids = torch.from_numpy(data.train_windows[:8].astype(np.int64))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     model.zero_grad()
-    compute_loss(model, teacher, batch, cfg.loss).backward()
+    loss = DistillLoss.from_config(cfg.loss, teacher_gives=teacher.gives)
+    compute_loss(model, teacher, batch, loss).backward()
     whole = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     for half in (slice(0, 4), slice(4, 8)):
-        (compute_loss(model, teacher, {k: v[half] for k, v in batch.items()}, cfg.loss) / 2).backward()
+        (compute_loss(model, teacher, {k: v[half] for k, v in batch.items()}, loss) / 2).backward()
     for a, b in zip(whole, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -125,7 +128,7 @@ def test_vocabulary_mismatch_names_both_sizes(tmp_path, tiny_tokenizer, tiny_cor
     cfg = tiny_cfg(tmp_path, teacher={"source": "model", "path": "unused"}, loss={"kd_weight": 1.0, "ce_weight": 0.0})
     data = build_data(cfg.data, tiny_tokenizer)
     torch.manual_seed(0)
-    teacher = Teacher(TransformerLM(ModelConfig(vocab_size=5000, d_model=16, n_layers=1, n_heads=2)), native=True)
+    teacher = ModelTeacher(TransformerLM(ModelConfig(vocab_size=5000, d_model=16, n_layers=1, n_heads=2)))
     student = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=16, n_layers=1, n_heads=2))
     with pytest.raises(DistilError, match=f"5000.*{len(tiny_tokenizer)}|{len(tiny_tokenizer)}.*5000"):
         train(cfg, tokenizer=tiny_tokenizer, data=data, teacher=teacher, student=student)
@@ -138,7 +141,7 @@ def test_padded_teacher_vocabulary_is_accepted(tmp_path, tiny_tokenizer, tiny_co
     torch.manual_seed(0)
     padded = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer) + 64, d_model=16, n_layers=1, n_heads=2))
     student = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=16, n_layers=1, n_heads=2))
-    result = train(cfg, tokenizer=tiny_tokenizer, data=data, teacher=Teacher(padded, native=True), student=student)
+    result = train(cfg, tokenizer=tiny_tokenizer, data=data, teacher=ModelTeacher(padded), student=student)
     assert np.isfinite(result.history[-1]["loss"])
 
 

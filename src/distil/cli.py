@@ -274,11 +274,11 @@ def cmd_demo(args) -> None:
 
 def cmd_train(args) -> None:
     from distil.config import config_to_yaml, load_config
+    from distil.run_dir import RunDir
     from distil.train.checkpoint import latest_checkpoint
     from distil.train.distributed import barrier, init_distributed
     from distil.train.loop import train
     from distil.train.report import write_run_report
-    from distil.run_dir import RunDir
 
     cfg = load_config(args.config, args.overrides)
     info = init_distributed(cfg.train.device)
@@ -484,8 +484,8 @@ def cmd_cache_teacher(args) -> None:
 
 
 def cmd_import_logprobs(args) -> None:
-    from distil.data.api_teacher import import_logprobs
     from distil.data.tokenize import load_tokenizer
+    from distil.teachers.api import import_logprobs
 
     manifest = import_logprobs(args.file, load_tokenizer(args.tokenizer), args.out, multi_token=args.multi_token,
                                encoding=args.encoding, overwrite=args.overwrite)

@@ -19,9 +19,7 @@ from typing import Any, Union
 import yaml
 
 from distil.errors import DistilError
-
-LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
-TOPK_KINDS = ("forward_kl", "reverse_kl", "soft_ce")
+from distil.spec import ALL_KINDS, TAILS, TOPK_KINDS
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
@@ -148,14 +146,14 @@ class LossConfig:
 
     def __post_init__(self):
         # soft_ce needs top-k log-probs (loss.topk, or a cache / API teacher: checked in Config)
-        kinds = TOPK_KINDS if self.topk else (*LOSS_KINDS, "soft_ce")
+        kinds = TOPK_KINDS if self.topk else ALL_KINDS
         _check_choice("loss", "kind", self.kind, kinds)
         _check_positive("loss", "kd_weight", self.kd_weight, allow_zero=True)
         _check_positive("loss", "ce_weight", self.ce_weight, allow_zero=True)
         _check_positive("loss", "temperature", self.temperature)
         _check_positive("loss", "chunk_size", self.chunk_size)
         _check_positive("loss", "topk", self.topk)
-        _check_choice("loss", "tail", self.tail, ("bucket", "renormalize"))
+        _check_choice("loss", "tail", self.tail, TAILS)
         _check_choice("loss", "parallel", self.parallel, ("none", "vocab", "sequence"))
         if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
             raise DistilError(

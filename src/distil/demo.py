@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -24,16 +23,17 @@ from pathlib import Path
 
 import torch
 
+from distil.charts import format_params, markdown_table, plot_curves, smooth
 from distil.config import config_from_dict
 from distil.data.corpus import embedded_corpus, split_documents
 from distil.data.dataset import build_data
 from distil.data.tokenize import train_bpe_tokenizer
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
-from distil.charts import format_params, markdown_table, plot_curves, smooth
-from distil.train.loop import train
+from distil.models.io import save_native
 from distil.run_dir import RunDir
-from distil.train.teacher import Teacher
+from distil.teachers import MemoTeacher, Teacher
+from distil.train.loop import train
 
 log = logging.getLogger("distil")
 
@@ -69,40 +69,6 @@ STUDENTS = (
     ("forward_kl", "forward KL", {"kind": "forward_kl", "kd_weight": 1.0, "ce_weight": 0.0}),
     ("reverse_kl", "reverse KL", {"kind": "reverse_kl", "kd_weight": 1.0, "ce_weight": 0.0}),
 )
-
-
-class MemoTeacher(Teacher):
-    """The demo's teacher, remembering its outputs per batch.
-
-    The forward-KL and reverse-KL students (and the two hybrids) train on the same batches in the
-    same order and validate on the same windows, so each teacher forward is computed once and
-    reused (the results are identical; ~20% of the quick demo's time). Bounded by ``max_bytes``.
-    """
-
-    def __init__(self, model, *, max_bytes: int = 2 << 30, name: str = "demo teacher"):
-        super().__init__(model, native=True, name=name)
-        self._memo: dict = {}
-        self._bytes, self.max_bytes = 0, max_bytes
-
-    def _cached(self, kind: str, compute, input_ids, doc_ids, positions):
-        if doc_ids is not None or positions is not None:
-            return compute(input_ids, doc_ids, positions)
-        key = (kind, tuple(input_ids.shape), hashlib.sha1(input_ids.cpu().numpy().tobytes()).hexdigest())
-        if key not in self._memo:
-            value = compute(input_ids, doc_ids, positions)
-            if self._bytes + value.nbytes > self.max_bytes:
-                return value
-            self._memo[key] = value
-            self._bytes += value.nbytes
-        return self._memo[key]
-
-    def head_inputs(self, input_ids, doc_ids=None, positions=None):
-        hidden = self._cached("hidden", lambda *a: super(MemoTeacher, self).head_inputs(*a)[0], input_ids, doc_ids,
-                              positions)
-        return hidden, self.model.lm_head.weight, None
-
-    def logits(self, input_ids, doc_ids=None, positions=None):
-        return self._cached("logits", super().logits, input_ids, doc_ids, positions)
 
 
 def _config(settings: DemoSettings, model: tuple, *, steps: int, lr: float, loss: dict, teacher: bool, seed: int):
@@ -177,7 +143,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: b
     teacher_cfg.train.progress = progress
     teacher_result = train(teacher_cfg, tokenizer=tokenizer, data=data, desc="teacher")
     teacher = MemoTeacher(teacher_result.student)
-    teacher.model.save(run.checkpoints / "teacher", tokenizer=tokenizer)
+    save_native(teacher.model, run.checkpoints / "teacher", tokenizer=tokenizer)
     evaluate("teacher", "teacher", teacher.model, None, teacher_result)
 
     for name, label, loss in STUDENTS:
@@ -186,7 +152,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: b
                       teacher=loss["kd_weight"] > 0, seed=2)  # same seed: same init and same batches for all three
         cfg.train.progress = progress
         result = train(cfg, tokenizer=tokenizer, data=data, teacher=teacher if loss["kd_weight"] > 0 else None, desc=name)
-        result.student.save(run.checkpoints / name, tokenizer=tokenizer)
+        save_native(result.student, run.checkpoints / name, tokenizer=tokenizer)
         evaluate(name, label, result.student, teacher, result)
 
     hybrids = run_hybrid_demo(run, settings, teacher, tokenizer, data, say)
@@ -236,7 +202,7 @@ def run_hybrid_demo(run: RunDir, settings: DemoSettings, teacher: Teacher, token
         after = evaluate_lm(result.student, data.val_windows, batch_size=settings.batch_size, teacher=teacher,
                             max_batches=settings.val_batches)  # the same held-out batches as "before"
         speed = decode_speed(result.student, context=settings.decode_context, new_tokens=settings.decode_tokens, vocab=vocab)
-        result.student.save(run.checkpoints / f"hybrid_{init}", tokenizer=tokenizer)
+        save_native(result.student, run.checkpoints / f"hybrid_{init}", tokenizer=tokenizer)
         out[init] = {"kl_before": before["kl_to_teacher"], "kl_after": after["kl_to_teacher"], "val_loss": after["loss"],
                      "ppl": after["ppl"], "top1_agreement": after["top1_agreement"], "decode_tokens_per_second": speed,
                      "params": result.student.num_parameters(), "steps": settings.hybrid_steps}

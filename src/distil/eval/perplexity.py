@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from distil.losses.divergences import kd_loss, shared_vocab
+from distil.losses.divergences import kd_loss
+from distil.spec import shared_vocab
 
 
 @torch.no_grad()

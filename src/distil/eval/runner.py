@@ -33,7 +33,7 @@ def run_eval(args) -> dict:
         windows, _ = concat_windows(tokenize_documents(tokenizer, docs), args.seq_len)
         teacher = None
         if args.teacher:
-            from distil.train.teacher import load_teacher
+            from distil.teachers import load_teacher
 
             teacher = load_teacher(args.teacher)
         result["lm"] = evaluate_lm(model, windows, batch_size=args.batch_size, teacher=teacher, progress=True)

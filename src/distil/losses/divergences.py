@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from distil.errors import DistilError
+from distil.spec import KINDS, shared_vocab
 
-KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
 REDUCTIONS = ("mean", "sum", "none")
 
 # Finite stand-in for log(0). exp() of it is exactly 0, and differences of two of them are 0, so
@@ -40,24 +40,6 @@ LOG_FLOOR = -1e30
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp64 stays fp64 (for reference checks); everything else computes in fp32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def shared_vocab(student_vocab: int, teacher_vocab: int) -> int:
-    """The vocabulary both sides share when they differ only by padding rows; else an error.
-
-    Checkpoints pad their embedding to a multiple of 64 or 128 (151936 vs 152064 in Qwen2).
-    A difference within 1% (and under 2048 rows) is treated as padding, and the extra columns
-    are masked out; anything larger means different tokenizers.
-    """
-    if student_vocab == teacher_vocab:
-        return student_vocab
-    small, large = sorted((student_vocab, teacher_vocab))
-    if large - small <= min(2048, max(128, small // 100)):
-        return small
-    raise DistilError(
-        f"teacher vocabulary ({teacher_vocab}) and student vocabulary ({student_vocab}) differ by more than "
-        "padding; they must share a tokenizer"
-    )
 
 
 def validate_kind(kind: str, beta: float, skew: float, kinds=KINDS) -> None:

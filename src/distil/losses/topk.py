@@ -26,9 +26,8 @@ import torch
 
 from distil.errors import DistilError
 from distil.losses.divergences import LOG_FLOOR, compute_dtype, prepare_logits, reduce_tokens
+from distil.spec import TAILS, TOPK_KINDS
 
-TOPK_KINDS = ("forward_kl", "reverse_kl", "soft_ce")
-TAILS = ("bucket", "renormalize")
 # Reverse KL needs a teacher tail > 0 wherever the student keeps tail mass; a quantised cache can
 # sum its top-k to slightly over 1. The floor bounds that term at p_s(tail) * log(p_s(tail) / 1e-10).
 REVERSE_TAIL_FLOOR = 1e-10

@@ -1,14 +1,14 @@
-"""Models: the Llama-family :class:`TransformerLM` (and its hybrid form), SSM mixers, loading."""
+"""Models: the Llama-family :class:`TransformerLM` (and its hybrid form), SSM mixers, loading and saving.
 
-from distil.models.io import load
+    model = load("path")                           # native, transformers Llama/Qwen2/Mistral, or .gguf
+    save(model, "out/student", tokenizer=tok)      # native: config.json + model.safetensors
+    save_hf(model, "out/hf")                       # transformers' LlamaForCausalLM format
+"""
+
+from distil.models.hf import load_hf, save_hf
+from distil.models.io import save_native as save
+from distil.models.loading import load
+from distil.models.ssm import DiscreteMamba2Mixer, Mamba2Mixer
 from distil.models.transformer import ModelConfig, TransformerLM
 
-__all__ = ["ModelConfig", "TransformerLM", "load", "Mamba2Mixer", "DiscreteMamba2Mixer"]
-
-
-def __getattr__(name):  # the SSM mixers load lazily: a plain transformer never imports them
-    if name in ("Mamba2Mixer", "DiscreteMamba2Mixer"):
-        from distil.models import ssm
-
-        return getattr(ssm, name)
-    raise AttributeError(name)
+__all__ = ["ModelConfig", "TransformerLM", "load", "save", "load_hf", "save_hf", "Mamba2Mixer", "DiscreteMamba2Mixer"]

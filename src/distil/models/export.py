@@ -24,6 +24,7 @@ import torch
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
+from distil.models.hf import _set_rope, hf_state_dict, save_hf
 
 
 def granite_config_for(model):
@@ -62,8 +63,6 @@ def granite_config_for(model):
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
-    from distil.models.hf import _set_rope
-
     _set_rope(hf, rope)
     hf.architectures = ["GraniteMoeHybridForCausalLM"]
     return hf
@@ -82,16 +81,12 @@ def _granite_names(key: str, value: torch.Tensor, own: dict) -> dict | None:
 
 
 def granite_state_dict(model) -> dict[str, torch.Tensor]:
-    from distil.models.hf import hf_state_dict
-
     return hf_state_dict(model, rename=_granite_names)
 
 
 def export_hf(model, path: str | Path, *, tokenizer=None, overwrite: bool = True, hybrid_format: str = "auto") -> str:
     """Write ``model`` for ``AutoModelForCausalLM``; returns the architecture name used."""
     from safetensors.torch import save_file
-
-    from distil.models.hf import save_hf
 
     if not model.config.is_hybrid and hybrid_format != "granite":
         save_hf(model, path, tokenizer=tokenizer, overwrite=overwrite)

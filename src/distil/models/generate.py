@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from distil.models.state import preallocated_states
+
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy (temperature 0) or sampled continuation of ``input_ids`` [batch, prompt]."""
-    from distil.models.state import preallocated_states
-
     model.eval()
     states = preallocated_states(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
     logits, states = model(input_ids, states=states, return_states=True)

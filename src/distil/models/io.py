@@ -1,7 +1,7 @@
 """Native distil checkpoints (``config.json`` + ``model.safetensors``) and loading of any model dir.
 
-    model.save("out/student")             # transformer or hybrid
-    model = distil.models.load("out/student")   # native, a transformers Llama/Qwen2/Mistral dir, or a .gguf
+    save_native(model, "out/student", tokenizer=tok)   # transformer or hybrid (distil.models.save)
+    model = distil.models.load("out/student")           # native, a transformers Llama/Qwen2/Mistral dir, or a .gguf
 
 The native format reloads exactly (bit for bit). A directory is written under a temporary name
 and renamed when complete, so a crash never leaves a checkpoint that looks whole.
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
-from distil.gguf import resolve_model_path
+from distil.models.transformer import TransformerLM, config_dict, config_from_json, rope_inv_freq
 
 NATIVE_FORMAT = "distil"
 
@@ -33,8 +33,6 @@ def _state_dict_for_saving(model) -> dict[str, torch.Tensor]:
 def save_file_state(model, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """config.json + model.safetensors into an existing (temporary) folder. ``state`` replaces
     ``model.state_dict()`` (a full state dict gathered from a sharded model)."""
-    from distil.models.transformer import config_dict
-
     cfg = {"format": NATIVE_FORMAT, **config_dict(model.config)}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     if state is None:
@@ -71,8 +69,6 @@ def is_native(path: Path) -> bool:
 
 
 def load_native(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    from distil.models.transformer import TransformerLM, config_from_json
-
     path = Path(path)
     try:
         cfg = config_from_json(path / "config.json")
@@ -91,8 +87,6 @@ def load_native(path: str | Path, *, dtype: torch.dtype = torch.float32, device=
 
 
 def _rope(cfg):
-    from distil.models.transformer import rope_inv_freq
-
     return rope_inv_freq(cfg)
 
 
@@ -119,23 +113,3 @@ def load_state(model, state: dict[str, torch.Tensor], *, source: str, assign: bo
     model.load_state_dict(state, strict=False, assign=assign)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-
-
-def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Load a distil checkpoint, a transformers Llama/Qwen2/Mistral checkpoint or a Llama-family GGUF
-    file into TransformerLM."""
-    path = resolve_model_path(path)
-    local = Path(path)
-    if local.is_dir():
-        if is_native(local):
-            return load_native(local, dtype=dtype, device=device)
-        if (local / "config.json").is_file():
-            from distil.models.hf import load_hf
-
-            return load_hf(local, dtype=dtype).to(device)
-        raise DistilError(f"{local} is not a checkpoint: it has no config.json")
-    if local.exists():
-        raise DistilError(f"checkpoint path {local} is a file; give the checkpoint directory")
-    from distil.models.hf import load_hf
-
-    return load_hf(str(path), dtype=dtype).to(device)  # a hub id; load_hf explains a failed download

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from distil.models.ssm import SSMState
+from distil.models.transformer import KVBuffer
 
 
 def _per_layer(model, batch: int, device, attention_state) -> list:
@@ -40,8 +41,6 @@ def preallocated_states(model, batch: int, max_len: int, device=None) -> list:
     """States for decoding up to ``max_len`` positions: each attention layer's KV cache is a
     :class:`~distil.models.transformer.KVBuffer` filled in place, SSM layers start from zero state.
     Outputs equal those with ``states=None``; generation uses this."""
-    from distil.models.transformer import KVBuffer
-
     def buffers(shape, device, dtype):
         full = (shape[0], shape[1], max_len, shape[2])
         return KVBuffer(torch.empty(full, device=device, dtype=dtype), torch.empty(full, device=device, dtype=dtype), 0)

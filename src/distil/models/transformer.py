@@ -31,6 +31,7 @@ from torch import nn
 
 from distil.errors import DistilError
 from distil.kernels import decode_attention_backends
+from distil.models import ssm
 
 MIXER_KINDS = {"A": "attention", "M": "mamba2", "D": "discrete_mamba2"}
 
@@ -242,8 +243,6 @@ class MLP(nn.Module):
 def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
     if kind == "A":
         return Attention(cfg)
-    from distil.models import ssm  # imported lazily: plain transformers never need it
-
     if kind == "M":
         return ssm.Mamba2Mixer(cfg.d_model, **cfg.ssm.get("M", {}))
     return ssm.DiscreteMamba2Mixer(cfg.d_model, **cfg.ssm.get("D", {}))
@@ -344,28 +343,6 @@ class TransformerLM(nn.Module):
         x = self.norm(x)
         out = x if return_hidden else self.lm_head(x)
         return (out, new_states) if return_states else out
-
-    # ------------------------------------------------------------------------------------------
-    # Native checkpoints: config.json + model.safetensors, reloaded exactly by distil.models.load.
-
-    def save(self, path: str | Path, *, tokenizer=None) -> None:
-        """config.json + model.safetensors (and the tokenizer's files when given), written atomically."""
-        from distil.models.io import save_native
-
-        save_native(self, path, tokenizer=tokenizer)
-
-    @classmethod
-    def from_hf(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> TransformerLM:
-        """Load a Llama, Qwen2 or Mistral checkpoint written by transformers (a local dir or hub id)."""
-        from distil.models.hf import load_hf
-
-        return load_hf(path, dtype=dtype)
-
-    def save_hf(self, path: str | Path) -> None:
-        """Write a checkpoint that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
-        from distil.models.hf import save_hf
-
-        save_hf(self, path)
 
 
 def config_dict(cfg: ModelConfig) -> dict:

@@ -29,9 +29,19 @@ from distil.config import Config
 from distil.data.packing import batch_tensors
 from distil.data.teacher_cache import CacheSettings, CacheWriter, Manifest, TeacherCache, tokens_sha256
 from distil.data.tokenize import tokenizer_hash
-from distil.data.topk_codec import DEFAULT_ENCODING, LEVEL, ORDER_SAMPLE, check_logprobs, encode_block, frequency_order
+from distil.data.topk_codec import (
+    DEFAULT_ENCODING,
+    LEVEL,
+    ORDER_SAMPLE,
+    check_logprobs,
+    encode_block,
+    frequency_order,
+)
 from distil.errors import DistilError
-from distil.losses.topk import teacher_topk
+from distil.fsutil import atomic_dir
+from distil.teachers import ApiTeacher, Request, load_teacher
+from distil.train.distributed import init_distributed
+from distil.train.loop import prepare
 
 log = logging.getLogger("distil")
 
@@ -42,10 +52,6 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
                 workers: int = 2, overwrite: bool = False, level: int = LEVEL, shard_tokens: int = DEFAULT_SHARD_TOKENS,
                 progress: bool = True, device: str | None = None, teacher=None, tokenizer=None, data=None) -> Manifest:
     """Write (or finish) the cache of ``cfg``'s teacher over its training windows into ``out``."""
-    from distil.fsutil import atomic_dir
-    from distil.train.distributed import init_distributed
-    from distil.train.loop import prepare
-
     if cfg.teacher.source not in ("model", "api"):
         raise DistilError(f"cache-teacher needs teacher.source 'model' or 'api', not {cfg.teacher.source!r}")
     if batch_size < 1 or workers < 1:
@@ -55,16 +61,15 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
     teacher, tokenizer, data = prepare(cfg, None, teacher=teacher, tokenizer=tokenizer, data=data, info=info,
                                        need_val=False)
     if cfg.teacher.source == "api":
-        from distil.data.api_teacher import ApiTeacher
-
         teacher = teacher or ApiTeacher.from_config(cfg.teacher, tokenizer)
         k = min(k, cfg.teacher.api_topk)
-        vocab_size, name, temperature = len(tokenizer), f"api:{cfg.teacher.api_model}@{cfg.teacher.api_base}", 1.0
+        vocab_size, name, temperature = len(tokenizer), teacher.name, 1.0
     else:
         name = teacher.name
         if Path(name).exists():  # a local checkpoint: absolute, so --stats finds it from anywhere
             name = str(Path(name).resolve())
         vocab_size, temperature = teacher.vocab_size, cfg.loss.temperature
+    request = Request("topk", k=k, temperature=temperature)
     windows = data.train_windows
     settings = CacheSettings(teacher=name, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size, k=k,
                              temperature=temperature, encoding=encoding,
@@ -106,11 +111,7 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
                 index = np.arange(first, min(first + batch_size, len(windows)))
                 batch = batch_tensors(windows, data.train_doc_ids, index, info.device,
                                       document_attention=cfg.data.document_attention)
-                if cfg.teacher.source == "api":
-                    ids, logprobs, tail = teacher.topk(batch["input_ids"], k)
-                else:
-                    logits = teacher.logits(batch["input_ids"], batch.get("attn_doc_ids"), batch.get("positions"))
-                    ids, logprobs, tail = teacher_topk(logits, k, temperature=temperature)
+                ids, logprobs, tail = teacher.signal(batch, request)
                 ids, logprobs, tail = ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy()
                 check_logprobs(logprobs, f"teacher output for sequences {index[0]}..{index[-1]}", ids >= 0)
                 rows = [(np.asarray(windows[sequence], dtype=np.int64), ids[row], logprobs[row], tail[row])
@@ -155,8 +156,6 @@ def cache_stats(path: str | Path, *, teacher_path: str | None = None, sample: in
     ``reconstruction_kl`` is the mean per token of KL(teacher || reconstruction), where the
     reconstruction is the stored top-k plus the stored tail mass spread evenly over the other tokens.
     """
-    from distil.train.teacher import load_teacher
-
     cache = TeacherCache(path)
     if verify:
         cache.verify()

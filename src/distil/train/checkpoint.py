@@ -23,6 +23,7 @@ import torch
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
+from distil.models.io import load_state, read_safetensors, save_file_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -58,8 +59,6 @@ def save_checkpoint(folder: Path, step: int, model, optimizer_state: dict, *, ex
                     tokenizer=None, model_state: dict | None = None) -> Path:
     """``optimizer_state`` is ``optimizer.state_dict()`` (or a full DCP state dict under FSDP, with
     ``model_state`` the gathered full model state dict)."""
-    from distil.models.io import save_file_state
-
     target = Path(folder) / f"step_{step:08d}"
     with atomic_dir(target, overwrite=True) as tmp:
         save_file_state(model, tmp, model_state)
@@ -73,8 +72,6 @@ def save_checkpoint(folder: Path, step: int, model, optimizer_state: dict, *, ex
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(model state dict, trainer state) of a checkpoint directory; RNG states are restored."""
-    from distil.models.io import read_safetensors
-
     path = Path(path)
     if not (path / "trainer.pt").is_file() or not (path / "model.safetensors").is_file():
         raise DistilError(f"checkpoint {path} is incomplete (model.safetensors or trainer.pt missing)")
@@ -89,8 +86,6 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Load model and optimizer in place (unsharded model); returns the rest of the trainer state."""
-    from distil.models.io import load_state
-
     model_state, state = read_checkpoint(path)
     load_state(model, model_state, source=str(path))
     optimizer.load_state_dict(state.pop("optimizer"))

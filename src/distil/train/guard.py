@@ -56,3 +56,8 @@ class SpikeGuard:
         if not keep_lr_scale:
             self.lr_scale = state["lr_scale"]
         self.skipped, self.rollbacks = state["skipped"], max(self.rollbacks, state["rollbacks"])
+
+    def rolled_back(self, state: dict) -> None:
+        """The run went back to a checkpoint taken with ``state``: its history, the current LR scale
+        and the rollback count (which the checkpoint predates) are kept."""
+        self.load_state_dict(state, keep_lr_scale=True)

@@ -1,16 +1,21 @@
-"""The training loop: one explicit loop that reads top to bottom.
+"""Training: ``setup()`` resolves every choice once, then ``train()`` runs a short loop.
 
     result = train(cfg, run=RunDir.create("runs/debug"))
     result.student, result.history, result.val
 
 loss = ce_weight * CE(labels) + kd_weight * KD(student, teacher), where KD is the configured
-divergence (``loss.kind``). By default the student's LM head is fused with the loss
-(:func:`~distil.losses.fused_linear_kd_loss`), so the [tokens x vocab] logits of student and
-teacher are never held whole. With ``loss.topk`` the student learns from the teacher's top-k
-log-probs only, exactly as it would from a cache.
+divergence (``loss.kind``). ``setup()`` turns the config into four objects:
 
-Everything the loop needs can be passed in (teacher, tokenizer, data, student), which is how the
-demo trains several students on one prepared dataset; otherwise it is built from the config.
+* ``teacher``: a distil.teachers teacher (a model, a cache, an API, or none);
+* ``batches``: a BatchSource (concat windows, stream packing with carried state, cache-fed);
+* ``loss``: a DistillLoss, which chose fused / materialised / top-k / vocabulary- or
+  sequence-parallel at construction and knows what to ask the teacher for;
+* ``plan``: a ParallelPlan, which owns wrapping (DDP / FSDP2 / TP head), clipping, gathering and
+  checkpoints.
+
+The loop then reads top to bottom: step, guard, log, validate, checkpoint. Everything setup needs
+can be passed in (teacher, tokenizer, data, student), which is how the demo trains several
+students on one prepared dataset; otherwise it is built from the config.
 """
 
 from __future__ import annotations
@@ -26,22 +31,24 @@ from tqdm.auto import tqdm
 
 from distil.config import Config
 from distil.data.dataset import TokenizedData, build_data, split_corpus
-from distil.data.packing import StreamBatcher, WindowSampler, batch_tensors, stream_tensors
 from distil.data.tokenize import has_tokenizer, load_tokenizer, tokenizer_hash, train_bpe_tokenizer
 from distil.errors import DistilError
+from distil.eval.multiple_choice import load_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
-from distil.losses import cross_entropy, fused_linear_kd_loss, kd_loss, topk_kd_loss
-from distil.losses.divergences import shared_vocab
-from distil.losses.topk import teacher_topk
-from distil.models.io import load_state
-from distil.models.state import carry, empty_states
+from distil.hybrid.progressive import freeze_all_but_ssm
+from distil.losses.objective import DistillLoss
+from distil.models.io import save_native
+from distil.models.loading import load
 from distil.models.transformer import ModelConfig, TransformerLM
-from distil.train.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-from distil.train.distributed import all_reduce_mean, barrier, init_distributed, parallelize
-from distil.train.guard import SpikeGuard
 from distil.run_dir import RunDir
+from distil.spec import shared_vocab
+from distil.teachers import CacheTeacher, Teacher, build_teacher, load_teacher
+from distil.train.batches import BatchSource, build_batches
+from distil.train.checkpoint import latest_checkpoint
+from distil.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from distil.train.guard import SpikeGuard
+from distil.train.plan import ParallelPlan
 from distil.train.schedule import lr_multiplier
-from distil.train.teacher import Teacher, load_teacher
 
 log = logging.getLogger("distil")
 
@@ -86,87 +93,22 @@ def check_vocabularies(tokenizer, student_vocab: int, teacher_vocab: int | None)
     shared_vocab(student_vocab, teacher_vocab)
 
 
-def compute_loss(student, teacher: Teacher | None, batch: dict, loss_cfg, *, head=None, stream: dict | None = None,
-                 tp_group=None):
-    """ce_weight * CE + kd_weight * KD for one micro-batch (T^2-scaled when configured).
-
-    ``student`` may be wrapped (DDP); ``head`` is the plain model's LM head (default: student.lm_head).
-    With ``tp_group`` the head is vocabulary-sharded (each rank's output is its columns of the logits)
-    and the loss is the vocabulary-parallel one (distil.losses.parallel).
-    With ``stream`` (stream packing) the student's and a native teacher's states are read from and
-    written back to that dict, and the batch carries per-token ``positions``; labels of -100 (padding)
-    count in neither term.
-    """
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    doc_ids = batch.get("attn_doc_ids")
-    positions = batch.get("positions")
+def compute_loss(student, teacher: Teacher | None, batch: dict, loss: DistillLoss, *, head=None) -> torch.Tensor:
+    """The loss of one micro-batch. ``student`` may be wrapped (DDP); ``head`` is the plain model's
+    LM head (default ``student.lm_head``). With stream packing (``batch["stream"]``) the student's
+    and a stateful teacher's states are read from and written back to that dict, and labels of
+    -100 (padding) count in neither term."""
+    stream = batch.get("stream")
+    input_ids = batch["input_ids"]
     if stream is not None:
-        hidden, stream["student"] = student(input_ids, positions=positions, states=stream["student"],
+        hidden, stream["student"] = student(input_ids, positions=batch.get("positions"), states=stream["student"],
                                             return_states=True, return_hidden=True)
     else:
-        hidden = student(input_ids, doc_ids=doc_ids, positions=positions, return_hidden=True)  # [batch, seq, d_model]
-    head = head if head is not None else student.lm_head
-    mask = labels != -100 if stream is not None else None
-    if teacher is not None and stream is not None and teacher.native:
-        with torch.no_grad():
-            teacher_hidden, stream["teacher"] = teacher.model(input_ids, positions=positions, states=stream["teacher"],
-                                                              return_states=True, return_hidden=True)
-        teacher = _FixedTeacher(teacher_hidden, teacher.model.lm_head.weight)
-    kd_weight = loss_cfg.kd_weight * (loss_cfg.temperature**2 if loss_cfg.t2_scale else 1.0)
-    if tp_group is not None:
-        return _vocab_parallel_loss(hidden, head, teacher, batch, loss_cfg, kd_weight, mask, tp_group)
-    if (teacher is None and "teacher_topk" not in batch) or kd_weight == 0:
-        if loss_cfg.fused:
-            return fused_linear_kd_loss(hidden, head.weight, labels=labels, ce_weight=loss_cfg.ce_weight,
-                                        kd_weight=0.0, chunk_size=loss_cfg.chunk_size, mask=mask)
-        return loss_cfg.ce_weight * cross_entropy(head(hidden), labels)
-    common = dict(kind=loss_cfg.kind, temperature=loss_cfg.temperature, mask=mask)
-    if loss_cfg.topk or "teacher_topk" in batch:
-        if "teacher_topk" in batch:  # from a cache or an API teacher
-            ids, logprobs, tail_lp = batch["teacher_topk"]
-            # Positions without any teacher entry (an imported prompt, padding) count in neither term.
-            counted = (labels != -100) & (ids >= 0).any(-1)
-            if not bool(counted.all()):
-                common["mask"] = counted
-        else:  # the teacher as a top-k cache would hold it: log-probs at the loss temperature
-            ids, logprobs, tail_lp = teacher_topk(teacher.logits(input_ids, doc_ids, positions), loss_cfg.topk,
-                                                  temperature=loss_cfg.temperature)
-        if loss_cfg.fused:
-            return fused_linear_kd_loss(hidden, head.weight, teacher_topk=(ids, logprobs, tail_lp), labels=labels,
-                                        ce_weight=loss_cfg.ce_weight, kd_weight=kd_weight, tail=loss_cfg.tail,
-                                        chunk_size=loss_cfg.chunk_size, **common)
-        logits = head(hidden)
-        loss = kd_weight * topk_kd_loss(logits, ids, logprobs, tail=loss_cfg.tail, teacher_tail_logprob=tail_lp,
-                                        **common)
-    else:
-        teacher_head = teacher.head_inputs(input_ids, doc_ids, positions) if loss_cfg.fused else None
-        if teacher_head is not None:
-            teacher_hidden, teacher_weight, teacher_bias = teacher_head
-            return fused_linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_weight,
-                                        teacher_bias=teacher_bias, labels=labels, ce_weight=loss_cfg.ce_weight,
-                                        kd_weight=kd_weight, chunk_size=loss_cfg.chunk_size, beta=loss_cfg.beta,
-                                        skew=loss_cfg.skew, **common)
-        logits = head(hidden)
-        teacher_logits = teacher.logits(input_ids, doc_ids, positions)
-        loss = kd_weight * kd_loss(logits, teacher_logits, beta=loss_cfg.beta, skew=loss_cfg.skew, **common)
-    if loss_cfg.ce_weight:
-        loss = loss + loss_cfg.ce_weight * cross_entropy(logits, labels)
-    return loss
-
-
-class _FixedTeacher:
-    """A teacher whose outputs for this micro-batch are already computed (stream packing)."""
-
-    native = True
-
-    def __init__(self, hidden, weight):
-        self.hidden, self.weight = hidden, weight
-
-    def head_inputs(self, *args):
-        return self.hidden, self.weight, None
-
-    def logits(self, *args):
-        return self.hidden @ self.weight.t()
+        hidden = student(input_ids, doc_ids=batch.get("attn_doc_ids"), positions=batch.get("positions"),
+                         return_hidden=True)  # [batch, seq, d_model]
+    signal = teacher.signal(batch, loss.request, stream) if loss.request is not None else None
+    mask = batch["labels"] != -100 if stream is not None else None
+    return loss(hidden, head if head is not None else student.lm_head, batch["labels"], signal, mask)
 
 
 def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=None, data=None, info=None,
@@ -206,458 +148,211 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
                              foreach=False if not torch.cuda.is_available() else None)
 
 
-def train(
-    cfg: Config,
-    *,
-    run: RunDir | None = None,
-    teacher: Teacher | None = None,
-    tokenizer=None,
-    data: TokenizedData | None = None,
-    student: TransformerLM | None = None,
-    desc: str = "train",
-    resume: bool = True,
-) -> TrainResult:
-    """Train ``student`` (built from the config when not given). With a run folder: metrics,
-    checkpoints every ``train.checkpoint_every`` steps and at the end, and automatic resumption from
-    the folder's latest checkpoint (``resume=False`` starts over)."""
-    info = init_distributed(cfg.train.device)
-    device = info.device
-    is_main = info.is_main
-    # loss.parallel = vocab: the LM head is sharded over all processes (tensor parallel), which all
-    # see the same batch; the rest of the student is replicated.
-    tp = cfg.loss.parallel == "vocab" and info.world_size > 1
-    if cfg.train.batch_size % info.world_size and not tp:
-        raise DistilError(f"train.batch_size = {cfg.train.batch_size} (the global micro-batch) is not divisible by "
-                          f"the {info.world_size} processes")
-    teacher, tokenizer, data = prepare(cfg, run, teacher=teacher, tokenizer=tokenizer, data=data, info=info)
-    if cfg.loss.kd_weight == 0:
-        teacher = None
-    teacher_vocab = teacher.vocab_size if teacher is not None else None
-    cache, api = None, None
-    if cfg.teacher.source == "cache" and cfg.loss.kd_weight:
-        cache = open_cache(cfg, tokenizer, data)
-        teacher_vocab = cache.settings.vocab_size
-    elif cfg.teacher.source == "api" and cfg.loss.kd_weight:
-        from distil.data.api_teacher import ApiTeacher
+@dataclass
+class Setup:
+    """Everything the loop needs, resolved once from the config."""
 
-        api = ApiTeacher.from_config(cfg.teacher, tokenizer)
+    cfg: Config
+    info: DistInfo
+    run: RunDir | None
+    tokenizer: object
+    data: TokenizedData
+    student: TransformerLM  # the plain module (its LM head sharded under a tp plan)
+    model: torch.nn.Module  # what the step calls: the student wrapped by the plan
+    teacher: Teacher | None
+    batches: BatchSource
+    loss: DistillLoss
+    plan: ParallelPlan
+    optimizer: torch.optim.Optimizer
+    guard: SpikeGuard
+    step: int = 0
+    tokens: int = 0
+    history: list[dict] = field(default_factory=list)  # one record per optimizer step
+
+    def restore(self, path) -> dict:
+        """Roll student, optimizer, data position and progress back to a checkpoint."""
+        state = self.plan.restore(path, self.student, self.optimizer)
+        self.batches.load_state_dict(state["batches"])
+        self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
+        return state
+
+    def checkpoint(self, step: int) -> None:
+        if self.run is not None:
+            self.plan.save(self.run, step, self.student, self.optimizer, keep=self.cfg.train.keep_checkpoints, extra={
+                "step": step, "tokens": self.tokens, "batches": self.batches.state_dict(),
+                "guard": self.guard.state_dict(), "history": self.history})
+
+    def validate(self) -> dict:
+        # The global batch size: every world size validates on the same windows.
+        teacher = self.teacher if self.teacher is not None and "logits" in self.teacher.gives else None
+        return evaluate_lm(self.plan.plain(self.student), self.data.val_windows, batch_size=self.cfg.train.batch_size,
+                           max_batches=self.cfg.eval.val_batches, teacher=teacher, device=self.info.device)
+
+
+def setup(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = None, tokenizer=None,
+          data: TokenizedData | None = None, student: TransformerLM | None = None, resume: bool = True) -> Setup:
+    """Teacher, batches, loss and parallel plan from the config (or passed in), the student and
+    optimizer, and the latest checkpoint of ``run`` restored (unless ``resume=False``)."""
+    info = init_distributed(cfg.train.device)
+    plan = ParallelPlan(cfg, info)
+    model_teacher, tokenizer, data = prepare(cfg, run, teacher=teacher, tokenizer=tokenizer, data=data, info=info)
+    teacher = build_teacher(cfg, tokenizer, data, info.device, model_teacher=model_teacher)
+    teacher_vocab = teacher.vocab_size if teacher is not None else None
     torch.manual_seed(cfg.train.seed)
     if student is None:
-        if cfg.student.path:
-            from distil.models import load
-
-            student = load(cfg.student.path)
-        else:
-            student = TransformerLM(student_model_config(cfg, teacher_vocab or len(tokenizer), tokenizer))
+        student = load(cfg.student.path) if cfg.student.path else TransformerLM(
+            student_model_config(cfg, teacher_vocab or len(tokenizer), tokenizer))
     if cfg.student.train_only_ssm:
         if not student.config.is_hybrid:
             raise DistilError("student.train_only_ssm is set but the student has no SSM layers")
-        from distil.hybrid.progressive import freeze_all_but_ssm
-
         freeze_all_but_ssm(student)
-    if cache is not None:
-        cache.check_against(tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=student.config.vocab_size,
-                            temperature=cfg.loss.temperature)
+    if isinstance(teacher, CacheTeacher):
+        teacher.cache.check_against(tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=student.config.vocab_size,
+                                    temperature=cfg.loss.temperature)
     check_vocabularies(tokenizer, student.config.vocab_size, teacher_vocab)
-    student.to(device).train()
-    tp_group = None
-    if tp:
-        if teacher_vocab is not None and teacher_vocab != student.config.vocab_size:
-            raise DistilError(f"loss.parallel 'vocab' needs the same vocabulary on both sides: student "
-                              f"{student.config.vocab_size}, teacher {teacher_vocab}")
-        tp_group = shard_lm_head(student, device, info.world_size)
-        if is_main:
-            log.info("LM head sharded over %d processes (vocabulary parallel); loss.parallel = vocab", info.world_size)
-    elif cfg.loss.parallel == "vocab":
-        log.info("loss.parallel = 'vocab' at world size 1 is the plain loss")
-    if teacher is not None:
-        teacher.to(device)
-
+    student.to(info.device).train()
+    plan.shard(student, teacher_vocab)
+    loss = DistillLoss.from_config(cfg.loss, teacher_gives=teacher.gives if teacher is not None else (),
+                                   teacher_k=getattr(teacher, "k", None),
+                                   tp_group=plan.tp_group, sequence_world=info.world_size if
+                                   cfg.loss.parallel == "sequence" else 1)
     optimizer = build_optimizer(student, cfg)
-    local_batch = cfg.train.batch_size if tp else cfg.train.batch_size // info.world_size
-    streaming = cfg.data.packing == "stream"
-    if streaming:
-        # Each rank walks its own share of the documents; a row's state flows across its chunks.
-        sampler = StreamBatcher(data.train_token_docs[info.rank :: info.world_size], local_batch, cfg.data.seq_len,
-                                seed=cfg.train.seed, pad_id=tokenizer.eos_token_id or 0)
-    elif cache is not None:
-        sampler = _CacheFeed(cache, cfg, data, info, pad_id=tokenizer.eos_token_id or 0)
-    else:
-        sampler = WindowSampler(len(data.train_windows), cfg.train.batch_size, seed=cfg.train.seed)
-    stream: dict | None = {"student": None, "teacher": None} if streaming else None
+    batches = build_batches(cfg, data, info, tokenizer, local_rows=plan.local_rows, teacher=teacher, student=student)
     guard = SpikeGuard(factor=cfg.train.spike_factor, patience=cfg.train.spike_patience, window=cfg.train.spike_window,
                        lr_factor=cfg.train.spike_lr_factor)
-    history: list[dict] = []
-    start_step, tokens_seen = 0, 0
-
-    fsdp = info.world_size > 1 and cfg.train.parallel == "fsdp"
-
-    def restore(path) -> None:
-        nonlocal start_step, tokens_seen, history
-        if sharded:
-            state = _load_sharded(path, student, optimizer)
-        elif fsdp:  # before sharding: weights now, optimizer state once the optimizer exists
-            model_state, state = read_checkpoint(path)
-            load_state(student, model_state, source=str(path))
-            pending_optimizer.append(state.pop("optimizer"))
-        else:
-            state = load_checkpoint(path, student, optimizer)
-        sampler.load_state_dict(state["sampler"])
-        start_step, tokens_seen, history = state["step"], state["tokens"], state["history"]
-        if streaming:
-            stream.update(state["stream"])
-        return state
-
-    sharded, pending_optimizer = tp, []  # a TP head is sharded from the start
+    s = Setup(cfg, info, run, tokenizer, data, student, student, teacher, batches, loss, plan, optimizer, guard)
     latest = latest_checkpoint(run.checkpoints) if run is not None and resume else None
     if latest is not None:
-        state = restore(latest)
-        guard.load_state_dict(state["guard"])
-        if is_main:
-            log.info("resuming from %s (step %d)", latest, start_step)
-            run.truncate_metrics(start_step)
+        guard.load_state_dict(s.restore(latest)["guard"])
+        if info.is_main:
+            log.info("resuming from %s (step %d)", latest, s.step)
+            run.truncate_metrics(s.step)
+    s.model, s.optimizer = plan.wrap(student, optimizer, lambda m: build_optimizer(m, cfg))
+    if info.is_main:
+        log.info("loss: %s; parallel plan: %s", loss.describe(), plan.kind)
+    return s
 
-    # DDP / FSDP2 / compile from outside; a no-op at world size 1 (and no data parallelism under TP)
-    model = parallelize(student, cfg.train, info, data_parallel=not tp)
-    if fsdp:  # FSDP2 replaced the parameters with sharded ones: the optimizer must hold those
-        sharded = True
-        optimizer = build_optimizer(student, cfg)
-        if pending_optimizer:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(student, optimizer, pending_optimizer.pop(),
-                                     options=StateDictOptions(full_state_dict=True))
-    use_bf16 = cfg.train.dtype == "bfloat16"
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
-    params = [p for p in student.parameters() if p.requires_grad]
+def train_step(s: Setup, lr: float) -> tuple[float, float]:
+    """One optimizer step's forward and backward over ``train.grad_accum`` micro-batches; returns
+    (the loss averaged over micro-batches and ranks, the gradient norm before clipping)."""
+    cfg = s.cfg
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = 0.0
+    for _ in range(cfg.train.grad_accum):
+        batch = s.batches.next_batch()
+        with torch.autocast(s.info.device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16"):
+            loss = compute_loss(s.model, s.teacher, batch, s.loss, head=s.student.lm_head)
+        (loss / cfg.train.grad_accum).backward()
+        step_loss += loss.item() / cfg.train.grad_accum
+    step_loss = all_reduce_mean(step_loss, s.info, s.info.device)
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-    if cfg.loss.parallel == "sequence" and info.world_size == 1:
-        log.info("loss.parallel = 'sequence' at world size 1 is the plain loss")
+    return step_loss, s.plan.clip([p for p in s.student.parameters() if p.requires_grad], clip)
 
-    def checkpoint(step: int) -> None:
-        if run is None:
-            return
-        model_state, optimizer_state = None, None
-        if fsdp or tp:  # every rank takes part in gathering the full state dicts
-            model_state, optimizer_state = _gather_full_state(student, optimizer)
-        if is_main:
-            save_checkpoint(run.checkpoints, step, student,
-                            optimizer_state if fsdp or tp else optimizer.state_dict(), model_state=model_state,
-                            keep=cfg.train.keep_checkpoints, extra={
-                                "step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
-                                "guard": guard.state_dict(), "history": history, "stream": stream})
-        barrier(info)
 
-    def plain_student():
-        """The student itself, or under TP a whole (unsharded) copy; a collective under TP."""
-        return _unsharded_copy(student, device) if tp else student
-
-    def validate() -> dict:
-        # The global batch size: every world size validates on the same windows.
-        return evaluate_lm(plain_student(), data.val_windows, batch_size=cfg.train.batch_size,
-                           max_batches=cfg.eval.val_batches, teacher=teacher, device=device)
-
+def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = None, tokenizer=None,
+          data: TokenizedData | None = None, student: TransformerLM | None = None, desc: str = "train",
+          resume: bool = True) -> TrainResult:
+    """Train ``student`` (built from the config when not given). With a run folder: metrics,
+    checkpoints every ``train.checkpoint_every`` steps and at the end, and automatic resumption from
+    the folder's latest checkpoint (``resume=False`` starts over)."""
+    s = setup(cfg, run=run, teacher=teacher, tokenizer=tokenizer, data=data, student=student, resume=resume)
+    t, info, main = cfg.train, s.info, s.info.is_main
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     val: dict = {}
-    step = start_step
     session_start, session_tokens = time.perf_counter(), 0
-    bar = tqdm(total=cfg.train.steps, initial=start_step, desc=desc, disable=not (cfg.train.progress and is_main),
-               dynamic_ncols=True)
-    while step < cfg.train.steps:
-        lr = cfg.train.lr * guard.lr_scale * lr_multiplier(
-            step, total_steps=cfg.train.steps, warmup_steps=cfg.train.warmup_steps, schedule=cfg.train.schedule,
-            min_ratio=cfg.train.min_lr_ratio, decay_fraction=cfg.train.decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for _ in range(cfg.train.grad_accum):
-            if streaming:
-                batch = stream_tensors(sampler.next_batch(), device)
-                _carry_stream(stream, student, teacher, batch["reset"], cfg.data.stream_kv_window)
-            elif cache is not None:
-                batch = sampler.next_batch(device)
-            else:
-                # Every rank draws the same global batch and takes its own slice of it (all of it under TP).
-                first = 0 if tp else info.rank * local_batch
-                index = sampler.next_batch()[first : first + local_batch]
-                batch = batch_tensors(data.train_windows, data.train_doc_ids, index, device,
-                                      document_attention=cfg.data.document_attention)
-                if api is not None:
-                    batch["teacher_topk"] = api.topk(batch["input_ids"], cfg.loss.topk or cfg.teacher.api_topk)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = compute_loss(model, teacher, batch, cfg.loss, head=student.lm_head, stream=stream,
-                                    tp_group=tp_group)
-            if cfg.loss.parallel == "sequence" and info.world_size > 1:
-                # The global token mean: this rank's mean times its share of the counted tokens.
-                # DDP then averages over ranks, so the world size cancels (distil.losses.parallel).
-                counted = (batch["labels"] != -100).sum().to(torch.float64)
-                total = counted.clone()
-                torch.distributed.all_reduce(total)
-                loss = loss * (counted * info.world_size / total.clamp_min(1)).to(loss.dtype)
-            (loss / cfg.train.grad_accum).backward()
-            step_loss += loss.item() / cfg.train.grad_accum
-        step_loss = all_reduce_mean(step_loss, info, device)
-        grad_norm = clip_grad_norm(params, clip)
-        action = guard.check(step_loss, grad_norm)
-        if action == "rollback" and run is not None and latest_checkpoint(run.checkpoints) is not None:
-            optimizer.zero_grad(set_to_none=True)
-            scale, rollbacks = guard.lr_scale, guard.rollbacks
-            state = restore(latest_checkpoint(run.checkpoints))
-            guard.load_state_dict(state["guard"], keep_lr_scale=True)
-            guard.rollbacks = rollbacks
-            if is_main:
-                log.warning("loss %.4g spiked for %d steps: rolled back to step %d, LR scale now %.3g",
-                            step_loss, cfg.train.spike_patience, start_step, scale)
-                run.truncate_metrics(start_step)
-                run.log(step=start_step, tokens=tokens_seen, split="train", name="rollback", value=scale)
-            step = start_step
-            bar.n = step
+    bar = tqdm(total=t.steps, initial=s.step, desc=desc, disable=not (t.progress and main), dynamic_ncols=True)
+    while s.step < t.steps:
+        lr = t.lr * s.guard.lr_scale * lr_multiplier(s.step, total_steps=t.steps, warmup_steps=t.warmup_steps,
+                                                     schedule=t.schedule, min_ratio=t.min_lr_ratio,
+                                                     decay_fraction=t.decay_fraction)
+        step_loss, grad_norm = train_step(s, lr)
+        action = s.guard.check(step_loss, grad_norm)
+        if action == "rollback" and _roll_back(s, step_loss):
+            bar.n = s.step
             continue
         if action == "skip":
-            optimizer.zero_grad(set_to_none=True)  # a non-finite step changes nothing
-            if is_main:
-                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); skipped", step + 1, step_loss,
-                            grad_norm)
+            s.optimizer.zero_grad(set_to_none=True)  # a non-finite step changes nothing
+            if main:
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); skipped", s.step + 1,
+                            step_loss, grad_norm)
                 if run is not None:
-                    run.log(step=step + 1, tokens=tokens_seen, split="train", name="skipped_step", value=1.0)
+                    run.log(step=s.step + 1, tokens=s.tokens, split="train", name="skipped_step", value=1.0)
         else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.tokens += tokens_per_step
         session_tokens += tokens_per_step
         elapsed = time.perf_counter() - session_start
-        record = {"step": step, "tokens": tokens_seen, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
-        history.append(record)
-        if run is not None and is_main and (step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.steps):
+        record = {"step": s.step, "tokens": s.tokens, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+        s.history.append(record)
+        if run is not None and main and (s.step % t.log_every == 0 or s.step == 1 or s.step == t.steps):
             for name in ("loss", "lr", "grad_norm"):
-                run.log(step=step, tokens=tokens_seen, split="train", name=name, value=record[name])
-            run.log(step=step, tokens=tokens_seen, split="train", name="tokens_per_second", value=session_tokens / elapsed)
-        is_last = step == cfg.train.steps
-        if (cfg.train.val_every and step % cfg.train.val_every == 0) or is_last:
-            if is_main or fsdp or tp:  # a sharded model's forward (or gathering) needs every rank
-                val = validate()
-            if is_main:
-                record.update({f"val_{k}": v for k, v in val.items() if k != "tokens"})
-                if run is not None:
-                    for name, value in val.items():
-                        if name != "tokens":
-                            run.log(step=step, tokens=tokens_seen, split="val", name=name, value=value)
+                run.log(step=s.step, tokens=s.tokens, split="train", name=name, value=record[name])
+            run.log(step=s.step, tokens=s.tokens, split="train", name="tokens_per_second", value=session_tokens / elapsed)
+        if (t.val_every and s.step % t.val_every == 0) or s.step == t.steps:
+            val = _validate(s, record) if main or s.plan.gathers else val
             barrier(info)
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not is_last:
-            checkpoint(step)
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{session_tokens / elapsed:,.0f}", **(
-            {"val": f"{val['loss']:.3f}"} if val else {}))
+        if t.checkpoint_every and s.step % t.checkpoint_every == 0 and s.step != t.steps:
+            s.checkpoint(s.step)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{session_tokens / elapsed:,.0f}",
+                        **({"val": f"{val['loss']:.3f}"} if val else {}))
         bar.update(1)
     bar.close()
-    if cache is not None:
-        sampler.close()
-    if api is not None:
-        api.close()
-    if not val and (is_main or fsdp or tp):  # resumed at the last step: nothing trained this session, still report
-        val = validate()
-    whole = plain_student()  # under TP an unsharded copy: results, multiple choice, the final model
-    if cfg.eval.multiple_choice and (is_main or fsdp):
-        from distil.eval.multiple_choice import load_items, score_multiple_choice
+    return _finish(s, val, session_start, session_tokens)
 
-        mc = score_multiple_choice(whole, tokenizer, load_items(cfg.eval.multiple_choice), device=device)
+
+def _roll_back(s: Setup, step_loss: float) -> bool:
+    """A sustained spike: back to the latest checkpoint (the guard has lowered the LR scale).
+    False when there is none to go back to (the step then stands)."""
+    latest = latest_checkpoint(s.run.checkpoints) if s.run is not None else None
+    if latest is None:
+        return False
+    s.optimizer.zero_grad(set_to_none=True)
+    s.guard.rolled_back(s.restore(latest)["guard"])
+    if s.info.is_main:
+        log.warning("loss %.4g spiked for %d steps: rolled back to step %d, LR scale now %.3g", step_loss,
+                    s.cfg.train.spike_patience, s.step, s.guard.lr_scale)
+        s.run.truncate_metrics(s.step)
+        s.run.log(step=s.step, tokens=s.tokens, split="train", name="rollback", value=s.guard.lr_scale)
+    return True
+
+
+def _validate(s: Setup, record: dict) -> dict:
+    val = s.validate()
+    if s.info.is_main:
+        record.update({f"val_{k}": v for k, v in val.items() if k != "tokens"})
+        if s.run is not None:
+            for name, value in val.items():
+                if name != "tokens":
+                    s.run.log(step=s.step, tokens=s.tokens, split="val", name=name, value=value)
+    return val
+
+
+def _finish(s: Setup, val: dict, session_start: float, session_tokens: int) -> TrainResult:
+    """Close the sources, score multiple choice, write the final checkpoint and model."""
+    cfg, info, run = s.cfg, s.info, s.run
+    s.batches.close()
+    if s.teacher is not None:
+        s.teacher.close()
+    if not val and (info.is_main or s.plan.gathers):  # resumed at the last step: nothing trained now, still report
+        val = s.validate()
+    whole = s.plan.plain(s.student)  # under tp an unsharded copy: results, multiple choice, the final model
+    if cfg.eval.multiple_choice and (info.is_main or s.plan.kind == "fsdp"):
+        mc = score_multiple_choice(whole, s.tokenizer, load_items(cfg.eval.multiple_choice), device=info.device)
         val.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})
-        if run is not None and is_main:
+        if run is not None and info.is_main:
             for name in ("mc_acc", "mc_acc_norm"):
-                run.log(step=cfg.train.steps, tokens=tokens_seen, split="val", name=name, value=val[name])
+                run.log(step=cfg.train.steps, tokens=s.tokens, split="val", name=name, value=val[name])
     seconds = time.perf_counter() - session_start
-    result = TrainResult(student=whole, tokenizer=tokenizer, history=history, val=val,
+    result = TrainResult(student=whole, tokenizer=s.tokenizer, history=s.history, val=val,
                          tokens_per_second=session_tokens / seconds if seconds > 0 else 0.0, seconds=seconds)
     if run is not None:
-        checkpoint(cfg.train.steps)
-        final_state = _gather_full_state(student, optimizer)[0] if fsdp else None
-        if is_main:
-            from distil.models.io import save_native
-
-            save_native(whole, run.checkpoints / "final", tokenizer=tokenizer, state=final_state)
+        s.checkpoint(cfg.train.steps)
+        final_state = s.plan.full_state(s.student, s.optimizer)
+        if info.is_main:
+            save_native(whole, run.checkpoints / "final", tokenizer=s.tokenizer, state=final_state)
         barrier(info)
     return result
-
-
-def open_cache(cfg: Config, tokenizer, data: TokenizedData):
-    """The configured teacher cache, checked against the data and loss (errors name both sides)."""
-    from distil.data.teacher_cache import TeacherCache, tokens_sha256
-
-    cache = TeacherCache(cfg.teacher.cache)
-    if cfg.loss.topk and cfg.loss.topk != cache.settings.k:
-        raise DistilError(f"loss.topk = {cfg.loss.topk} but the cache {cache.path} holds k = {cache.settings.k}; "
-                          "unset loss.topk or write a cache with that k")
-    cache.check_against(tokenizer_hash=tokenizer_hash(tokenizer), temperature=cfg.loss.temperature, seq_len=cfg.data.seq_len,
-                        num_sequences=len(data.train_windows), document_attention=cfg.data.document_attention,
-                        windows_sha256=lambda: tokens_sha256(data.train_windows))
-    return cache
-
-
-class _CacheFeed:
-    """Training batches from a teacher cache through a DataLoader (``data.num_workers`` workers).
-
-    Stands in for the window sampler: ``state_dict`` is the position after the last batch
-    *consumed* (workers read ahead), and ``load_state_dict`` restarts the loader from there."""
-
-    def __init__(self, cache, cfg: Config, data: TokenizedData, info, *, pad_id: int):
-        from distil.data.packing import WindowSampler
-
-        self.cache, self.cfg, self.data, self.info, self.pad_id = cache, cfg, data, info, pad_id
-        self.state = WindowSampler(len(cache), cfg.train.batch_size, seed=cfg.train.seed).state_dict()
-        self._it = None
-
-    def state_dict(self) -> dict:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.close()
-        self.state = dict(state)
-
-    def close(self) -> None:
-        self._it = None  # the DataLoader iterator shuts its workers down when dropped
-
-    def next_batch(self, device) -> dict:
-        from distil.data.teacher_cache import CacheBatches
-
-        if self._it is None:
-            own = self.cache.settings.source == "import"
-            dataset = CacheBatches(self.cache, batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed,
-                                   sampler_state=self.state, rank=self.info.rank, world_size=self.info.world_size,
-                                   seq_len=self.cfg.data.seq_len, windows=None if own else self.data.train_windows,
-                                   doc_ids=None if own else self.data.train_doc_ids,
-                                   document_attention=self.cfg.data.document_attention, pad_id=self.pad_id)
-            workers = self.cfg.data.num_workers
-            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                                 pin_memory=device.type == "cuda",
-                                                 prefetch_factor=4 if workers else None)
-            self._it = iter(loader)
-        batch = next(self._it)
-        self.state = batch.pop("sampler_state")
-        topk = tuple(t.to(device, non_blocking=True) for t in batch.pop("teacher_topk"))
-        batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-        batch["teacher_topk"] = topk
-        return batch
-
-
-def _vocab_parallel_loss(hidden, head, teacher, batch, loss_cfg, kd_weight, mask, group):
-    """The loss of a vocabulary-sharded LM head: each rank has its columns of the student's logits
-    and takes the same columns of the (replicated) teacher's; the parallel losses equal the
-    single-device ones in value and gradient (tests/test_parallel_losses.py)."""
-    from distil.losses.parallel import (
-        vocab_parallel_cross_entropy,
-        vocab_parallel_kd_loss,
-        vocab_parallel_topk_kd_loss,
-        vocab_slice,
-    )
-
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    doc_ids, positions = batch.get("attn_doc_ids"), batch.get("positions")
-    logits = head(hidden)  # [batch, seq, this rank's columns]
-    start, end = vocab_slice(logits.shape[-1], group)
-    loss = None
-    if teacher is not None and kd_weight:
-        common = dict(group=group, mask=mask, temperature=loss_cfg.temperature)
-        if loss_cfg.topk:
-            ids, logprobs, tail_lp = teacher_topk(teacher.logits(input_ids, doc_ids, positions), loss_cfg.topk,
-                                                  temperature=loss_cfg.temperature)
-            loss = kd_weight * vocab_parallel_topk_kd_loss(logits, ids, logprobs, loss_cfg.kind, tail=loss_cfg.tail,
-                                                           teacher_tail_logprob=tail_lp, **common)
-        else:
-            head_inputs = teacher.head_inputs(input_ids, doc_ids, positions)
-            if head_inputs is not None:  # only this rank's columns of the teacher's head
-                teacher_hidden, teacher_weight, _ = head_inputs
-                teacher_logits = teacher_hidden @ teacher_weight[start:end].t()
-            else:
-                teacher_logits = teacher.logits(input_ids, doc_ids, positions)[..., start:end]
-            loss = kd_weight * vocab_parallel_kd_loss(logits, teacher_logits, loss_cfg.kind, beta=loss_cfg.beta,
-                                                      skew=loss_cfg.skew, **common)
-    if loss_cfg.ce_weight:
-        ce = loss_cfg.ce_weight * vocab_parallel_cross_entropy(logits, labels, group=group, mask=mask)
-        loss = ce if loss is None else loss + ce
-    return loss
-
-
-def _unsharded_copy(student, device):
-    """A plain copy of a model with sharded (DTensor) parameters; every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True))
-    copy = type(student)(student.config)
-    copy.load_state_dict(state)
-    return copy.to(device).train(student.training)
-
-
-def shard_lm_head(student, device: torch.device, world_size: int):
-    """Tensor-parallel LM head: the rows (vocabulary) of ``student.lm_head`` split over the
-    processes with torch's ColwiseParallel; each rank's head returns its columns of the logits and
-    the hidden states' gradient is all-reduced. Returns the process group for the parallel loss."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    if student.config.tie_embeddings:
-        raise DistilError("loss.parallel 'vocab' shards the LM head but keeps the embedding whole: the student's "
-                          "head is tied to its embedding (student.tie_embeddings: false, or an untied checkpoint)")
-    mesh = init_device_mesh(device.type, (world_size,))
-    parallelize_module(student, mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=True)})
-    return mesh.get_group()
-
-
-def clip_grad_norm(params: list, max_norm: float) -> float:
-    """``clip_grad_norm_`` for parameters that may include DTensor shards (a sharded LM head):
-    the squared norms of the shards are summed over their ranks. Returns the total norm."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    if not any(isinstance(g, DTensor) for g in grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    squared = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        part = g.detach().double().pow(2).sum()
-        squared += (part.full_tensor() if isinstance(part, DTensor) else part).cpu()
-    total = math.sqrt(squared.item())
-    coef = min(1.0, max_norm / (total + 1e-6))
-    if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
-    return total
-
-
-def _gather_full_state(student, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state dicts of an FSDP2 or TP model, on CPU; a collective."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(student, options=options), get_optimizer_state_dict(student, optimizer, options=options)
-
-
-def _load_sharded(path, student, optimizer) -> dict:
-    """Roll an FSDP2 or TP model and its optimizer back to a checkpoint, in place."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    model_state, state = read_checkpoint(path)
-    if student.config.tie_embeddings:
-        model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(student, model_state, options=options)
-    set_optimizer_state_dict(student, optimizer, state.pop("optimizer"), options=options)
-    return state
-
-
-def _carry_stream(stream: dict, student, teacher, reset: torch.Tensor, kv_window: int | None) -> None:
-    """Detach the carried states, zero the rows that start a new document, bound the KV."""
-    batch = reset.shape[0]
-    if stream["student"] is None:
-        stream["student"] = empty_states(student, batch)
-    stream["student"] = carry(stream["student"], reset=reset, kv_window=kv_window)
-    if teacher is not None and teacher.native:
-        if stream["teacher"] is None:
-            stream["teacher"] = empty_states(teacher.model, batch)
-        stream["teacher"] = carry(stream["teacher"], reset=reset, kv_window=kv_window)

@@ -26,18 +26,18 @@ import shutil
 
 import torch
 
+from distil.charts import markdown_table, plot_curves
 from distil.errors import DistilError
 from distil.eval.perplexity import evaluate_lm
 from distil.fsutil import atomic_write_text
 from distil.hybrid.placement import layer_scores
 from distil.hybrid.progressive import convert_progressively
 from distil.models import load
-from distil.charts import markdown_table, plot_curves
+from distil.run_dir import RunDir
 from distil.train.checkpoint import latest_checkpoint
 from distil.train.distributed import barrier, init_distributed
 from distil.train.loop import TrainResult, check_vocabularies, prepare, train
 from distil.train.report import write_run_report
-from distil.run_dir import RunDir
 
 log = logging.getLogger("distil")
 

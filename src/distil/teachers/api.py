@@ -42,8 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distil.data.topk_codec import ABSENT_LOGPROB
+from distil.data.corpus import read_jsonl
+from distil.data.teacher_cache import CacheSettings, CacheWriter
+from distil.data.tokenize import tokenizer_hash
+from distil.data.topk_codec import ABSENT_LOGPROB, encode_block, frequency_order
 from distil.errors import DistilError
+from distil.fsutil import atomic_dir, atomic_write_text, cache_path
+from distil.losses.topk import log1mexp
 
 log = logging.getLogger("distil")
 
@@ -168,8 +173,6 @@ def _positions(choice: dict, where: str) -> list[tuple[str, object, list[tuple[s
 
 def _tail_of_present(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """log(1 - sum of the present entries' probabilities): absent (dropped) entries are tail mass."""
-    from distil.losses.topk import log1mexp
-
     return log1mexp(torch.logsumexp(torch.where(ids >= 0, logprobs, torch.tensor(float("-inf"))), -1))
 
 
@@ -191,12 +194,6 @@ def _prompt_ids(record: dict, tokenizer, where: str) -> list[int]:
 def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token: str = "first",
                     encoding: str = "ranked", overwrite: bool = False):
     """Convert a JSONL of logged responses into a cache (one sequence per response)."""
-    from distil.data.corpus import read_jsonl
-    from distil.data.teacher_cache import CacheSettings, CacheWriter
-    from distil.data.tokenize import tokenizer_hash
-    from distil.data.topk_codec import encode_block, frequency_order
-    from distil.fsutil import atomic_dir
-
     path = Path(path)
     if not path.is_file():
         raise DistilError(f"{path} does not exist")
@@ -271,15 +268,21 @@ def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token
 class ApiTeacher:
     """Scores token sequences with an OpenAI-compatible ``/completions`` endpoint (see the module docstring)."""
 
+    gives = ("topk",)
+    carries_state = False
+    vocab_size = None  # the tokenizer's: the endpoint's token strings are mapped onto it
+
     def __init__(self, base_url: str, model: str, tokenizer, *, api_key: str | None = None, topk: int = 20,
                  concurrency: int = 8, retries: int = 5, timeout: float = 120.0, cache_dir: str | Path | None = None,
                  backoff: float = 0.5, max_backoff: float = 30.0):
         import httpx
 
         self.base_url, self.model, self.topk_default = base_url.rstrip("/"), model, topk
+        self.k = topk  # what a loss without loss.topk asks for
+        self.name = f"api:{model}@{self.base_url}"
         self.mapper = TokenMapper(tokenizer, "drop")
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.cache_dir = cache_path(cache_dir) if cache_dir else None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout, headers=headers,
                                    limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
@@ -297,6 +300,13 @@ class ApiTeacher:
         self.pool.shutdown(wait=True)
         self.client.close()
 
+    def to(self, device) -> ApiTeacher:
+        return self
+
+    def signal(self, batch: dict, request, stream: dict | None = None):
+        assert request.kind == "topk", request
+        return self.topk(batch["input_ids"], request.k)
+
     # -- one request --------------------------------------------------------------------------
 
     def _cache_file(self, payload: dict) -> Path | None:
@@ -307,8 +317,6 @@ class ApiTeacher:
 
     def _post(self, payload: dict) -> dict:
         import httpx
-
-        from distil.fsutil import atomic_write_text
 
         cache_file = self._cache_file(payload)
         if cache_file is not None and cache_file.is_file():
