@@ -237,9 +237,9 @@ def test_api_retries_limits_concurrency_and_caches_answers(server, tiny_tokenize
 def test_api_key_comes_from_the_environment(teacher_model, tiny_tokenizer, monkeypatch):
     fake = FakeOpenAI(teacher_model, tiny_tokenizer, api_key="sk-test")
     try:
-        tcfg = config_from_dict({"teacher": {"source": "api", "api_base": fake.url, "api_model": "tiny",
-                                             "api_key_env": "DISTIL_TEST_KEY", "api_cache": None},
-                                 "loss": {"kind": "forward_kl"}}).teacher
+        tcfg = config_from_dict({"teacher": {"source": "api"}, "loss": {"kind": "forward_kl"},
+                                 "api": {"base": fake.url, "model": "tiny", "key_env": "DISTIL_TEST_KEY",
+                                         "cache": None}}).api
         x = torch.tensor([tiny_tokenizer.encode("The model learns.")])
         monkeypatch.delenv("DISTIL_TEST_KEY", raising=False)
         with pytest.raises(DistilError, match="refused the request .*HTTP 401"):
@@ -264,8 +264,8 @@ def test_training_with_an_api_teacher_equals_the_online_teacher(server, teacher_
         "eval": {"val_batches": 1}}
     online = train(config_from_dict({**base, "teacher": {"source": "model", "path": "unused"}}),
                    teacher=ModelTeacher(teacher_model), tokenizer=tiny_tokenizer)
-    api_cfg = config_from_dict({**base, "teacher": {"source": "api", "api_base": server.url, "api_model": "tiny",
-                                                    "api_cache": str(tmp_path / "api")}})
+    api_cfg = config_from_dict({**base, "teacher": {"source": "api"},
+                                "api": {"base": server.url, "model": "tiny", "cache": str(tmp_path / "api")}})
     via_api = train(api_cfg, tokenizer=tiny_tokenizer)
     np.testing.assert_allclose([h["loss"] for h in via_api.history], [h["loss"] for h in online.history], rtol=1e-4)
 

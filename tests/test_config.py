@@ -117,8 +117,46 @@ def test_docs_mention_every_config_field():
     text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
     for section in dataclasses.fields(Config):
         assert f"## {section.name}" in text, section.name
-    for cls in (c.TeacherConfig, c.StudentConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.EvalConfig, c.HybridConfig, c.OutputConfig):
+    for cls in (c.TeacherConfig, c.ApiConfig, c.StudentConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.EvalConfig,
+                c.HybridConfig, c.OutputConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in text, f"{cls.__name__}.{f.name} is not documented in docs/config.md"
     for preset in PRESETS:
         assert preset.name in text, preset.name
+
+
+def test_every_choice_is_a_literal_checked_in_one_place():
+    """Choices are Literal[...] annotations: one check covers YAML, --set and Python construction."""
+    import dataclasses
+    import typing
+
+    from distil import config as c
+
+    literal = 0
+    for cls in (c.TeacherConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.HybridConfig):
+        for name, tp in typing.get_type_hints(cls).items():
+            if typing.get_origin(tp) is typing.Literal:
+                literal += 1
+                default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+                assert default in typing.get_args(tp), (cls.__name__, name)
+    assert literal >= 15
+    with pytest.raises(DistilError, match=r"train\.schedule = 'linear' is not one of cosine, wsd, constant"):
+        load_config(None, ["train.schedule=linear", "teacher.path=t"])
+    with pytest.raises(DistilError, match=r"data\.source = 'csv' is not one of"):
+        c.DataConfig(source="csv", path="x")  # built in Python, not from YAML: the same check
+    with pytest.raises(DistilError, match=r"loss\.kind = 'jsd' is not one of forward_kl, reverse_kl, soft_ce"):
+        load_config(None, ["loss.kind=jsd", "loss.topk=8", "teacher.path=t"])
+
+
+def test_api_section_and_the_old_flat_keys(caplog):
+    cfg = load_config(None, ["teacher.source=api", "api.base=http://h/v1", "api.model=m", "api.topk=7"])
+    assert (cfg.api.base, cfg.api.model, cfg.api.topk) == ("http://h/v1", "m", 7)
+    with caplog.at_level("WARNING", logger="distil"):
+        old = load_config(None, ["teacher.source=api", "teacher.api_base=http://h/v1", "teacher.api_model=m",
+                                 "teacher.api_topk=7"])
+    assert old == cfg
+    assert "teacher.api_base is now api.base" in caplog.text
+    with pytest.raises(DistilError, match="api.base and api.model are required"):
+        load_config(None, ["teacher.source=api"])
+    with pytest.raises(DistilError, match="both set"):
+        load_config(None, ["teacher.source=api", "teacher.api_base=a", "api.base=b", "api.model=m"])

@@ -273,71 +273,20 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from distil.config import config_to_yaml, load_config
-    from distil.run_dir import RunDir
-    from distil.train.checkpoint import latest_checkpoint
-    from distil.train.distributed import barrier, init_distributed
-    from distil.train.loop import train
-    from distil.train.report import write_run_report
+    from distil.config import load_config
+    from distil.train.run import run_training
 
     cfg = load_config(args.config, args.overrides)
-    info = init_distributed(cfg.train.device)
-    run_path = Path(args.run_dir) if args.run_dir else Path(cfg.output.run_dir) / (cfg.output.name or "run")
-    existed = run_path.exists()
-    overwrite = args.overwrite or cfg.output.overwrite
-    staged = bool(cfg.hybrid.stages)
-    if staged:
-        from distil.train.stages import has_stages
-
-        resume = not overwrite and run_path.exists() and has_stages(run_path)
-    else:
-        resume = not overwrite and latest_checkpoint(run_path / "checkpoints") is not None
-    if args.resume and not resume:
-        raise DistilError(f"--resume: {run_path} has no checkpoint to resume from")
-    if info.is_main:
-        run = RunDir.create(run_path, overwrite=overwrite, resume=resume)
-        if not resume:
-            run.write_text("config.yaml", config_to_yaml(cfg))
-        elif (run.path / "config.yaml").is_file() and (run.path / "config.yaml").read_text() != config_to_yaml(cfg):
-            log.warning("the config differs from the one this run started with (%s)", run.path / "config.yaml")
-    barrier(info)
-    if not info.is_main:
-        run = RunDir(run_path)  # other ranks read checkpoints; only rank 0 writes
-    elif cfg.output.tensorboard or cfg.output.wandb_project:
-        run.add_sinks(tensorboard=cfg.output.tensorboard, wandb_project=cfg.output.wandb_project, config=cfg.to_dict())
-    try:
-        if staged:
-            from distil.train.stages import train_in_stages
-
-            _, records = train_in_stages(cfg, run)
-        else:
-            result = train(cfg, run=run, resume=resume)
-    except DistilError:
-        run.close()
-        started = run.metrics_path.exists() or (staged and has_stages(run.path))
-        if info.is_main and not existed and not started:
-            import shutil
-
-            shutil.rmtree(run.path, ignore_errors=True)  # bad input before the first step: leave nothing behind
-        raise
-    if staged:
-        if info.is_main:
-            last = records[-1]
-            run.mark_complete({"stages": records, "final_val": last["after"]})
-            log.info("done: %d stage(s), pattern %s, held-out loss %.4f; run folder %s; report %s", len(records),
-                     last["pattern"], last["after"]["loss"], run.path, run.path / "report.md")
-        return
-    if info.is_main:
-        report = write_run_report(run, cfg, result)
-        run.mark_complete({"final_val": result.val, "steps": result.history[-1]["step"] if result.history else 0,
-                           "tokens_per_second": result.tokens_per_second, "params": result.student.num_parameters()})
-        log.info("done: held-out loss %.4f; run folder %s; report %s", result.val.get("loss", float("nan")), run.path, report)
+    run_training(cfg, args.run_dir, overwrite=args.overwrite, resume=args.resume)
 
 
 def cmd_eval(args) -> None:
     from distil.eval.runner import run_eval
 
-    result = run_eval(args)
+    result = run_eval(args.model, data=args.data, mc=args.mc, lm_eval=args.lm_eval, teacher=args.teacher,
+                      tokenizer=args.tokenizer, text_field=args.text_field, seq_len=args.seq_len,
+                      batch_size=args.batch_size, num_fewshot=args.num_fewshot, lm_eval_include=args.lm_eval_include,
+                      limit=args.limit, run=args.run)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -400,13 +349,13 @@ def _scoring_tokens(args, tokenizer):
 
     if tokenizer is None:
         raise DistilError(f"{args.model} has no tokenizer to tokenize scoring data with")
-    from types import SimpleNamespace
+    from distil.config import DataConfig
 
     if args.data:
         source = "jsonl" if args.data.endswith(".jsonl") else "text"
-        docs = load_documents(SimpleNamespace(source=source, path=args.data, text_field="text", max_docs=None))
+        docs = load_documents(DataConfig(source=source, path=args.data))
     else:
-        docs = load_documents(SimpleNamespace(source="embedded", path=None, max_docs=None))[-200:]
+        docs = load_documents(DataConfig(source="embedded"))[-200:]
     windows, _ = concat_windows(tokenize_documents(tokenizer, docs), args.seq_len)
     return torch.from_numpy(windows[: args.samples, :-1].astype("int64"))
 

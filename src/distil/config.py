@@ -10,21 +10,40 @@ live in each dataclass's ``__post_init__`` and raise :class:`~distil.errors.Dist
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from distil.errors import DistilError
 from distil.spec import ALL_KINDS, TAILS, TOPK_KINDS
 
+log = logging.getLogger("distil")
 
-def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise DistilError(f"{section}.{name} = {value!r} is not one of {', '.join(map(str, choices))}")
+
+def _choices(tp: Any) -> tuple | None:
+    """The values of a ``Literal[...]`` annotation (None for any other type)."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, tuple]:
+    return {name: choices for name, tp in typing.get_type_hints(cls).items() if (choices := _choices(tp))}
+
+
+def _check_literals(section) -> None:
+    """Every ``Literal[...]`` field of a config section holds one of its values: the one check of
+    every choice in the config, for sections built from YAML and in Python alike."""
+    name_of_section = type(section).__name__.removesuffix("Config").lower()
+    for name, choices in _literal_fields(type(section)).items():
+        value = getattr(section, name)
+        if value not in choices:
+            raise DistilError(f"{name_of_section}.{name} = {value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def _check_positive(section: str, name: str, value: float | int | None, *, allow_zero: bool = False) -> None:
@@ -39,31 +58,37 @@ def _check_positive(section: str, name: str, value: float | int | None, *, allow
 class TeacherConfig:
     """Where the teacher's signal comes from."""
 
-    source: str = "model"  # model | cache | api | none
+    source: Literal["model", "cache", "api", "none"] = "model"
     path: str | None = None  # model: a transformers checkpoint dir (or hub id), or a distil checkpoint
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     cache: str | None = None  # cache: a folder written by `distil cache-teacher` or `distil import-logprobs`
-    api_base: str | None = None  # api: an OpenAI-compatible base URL, e.g. http://localhost:8000/v1
-    api_model: str | None = None  # api: the served model's name
-    api_key_env: str = "OPENAI_API_KEY"  # api: the environment variable holding the key (unset: no key sent)
-    api_topk: int = 20  # api: top_logprobs asked for at each position
-    api_concurrency: int = 8  # api: requests in flight at once
-    api_retries: int = 5  # api: retries of a failed request (429, 5xx, timeouts), with exponential backoff
-    api_timeout: float = 120.0  # api: seconds per request
-    api_cache: str | None = "~/.cache/distil/api"  # api: answers kept on disk and reused (null: off)
+    # api: the endpoint is the `api` section
 
     def __post_init__(self):
-        _check_choice("teacher", "source", self.source, ("model", "cache", "api", "none"))
-        _check_choice("teacher", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_literals(self)
         if self.source == "model" and not self.path:
             raise DistilError(f"teacher.path is required when teacher.source is {self.source!r}")
         if self.source == "cache" and not self.cache:
             raise DistilError("teacher.cache (a cache folder) is required when teacher.source is 'cache'")
-        if self.source == "api" and not (self.api_base and self.api_model):
-            raise DistilError("teacher.api_base and teacher.api_model are required when teacher.source is 'api'")
-        for name in ("api_topk", "api_concurrency", "api_timeout"):
-            _check_positive("teacher", name, getattr(self, name))
-        _check_positive("teacher", "api_retries", self.api_retries, allow_zero=True)
+
+
+@dataclass
+class ApiConfig:
+    """An OpenAI-compatible endpoint as the teacher (``teacher.source: api``)."""
+
+    base: str | None = None  # the base URL, e.g. http://localhost:8000/v1
+    model: str | None = None  # the served model's name
+    key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (unset: no key sent)
+    topk: int = 20  # top_logprobs asked for at each position (loss.topk, when set, takes precedence)
+    concurrency: int = 8  # requests in flight at once
+    retries: int = 5  # retries of a failed request (429, 5xx, timeouts), with exponential backoff
+    timeout: float = 120.0  # seconds per request
+    cache: str | None = "~/.cache/distil/api"  # answers kept on disk and reused (null: off)
+
+    def __post_init__(self):
+        for name in ("topk", "concurrency", "timeout"):
+            _check_positive("api", name, getattr(self, name))
+        _check_positive("api", "retries", self.retries, allow_zero=True)
 
 
 @dataclass
@@ -97,14 +122,14 @@ class StudentConfig:
 class DataConfig:
     """The training text, its tokenizer and how it is cut into sequences."""
 
-    source: str = "embedded"  # embedded (Python's own docs) | text | jsonl | parquet | hf
+    source: Literal["embedded", "text", "jsonl", "parquet", "hf"] = "embedded"  # embedded: Python's own docs
     path: str | None = None  # file or folder (text, jsonl, parquet), or a dataset dir / hub id (hf)
     text_field: str = "text"  # the field (JSONL, Parquet, dataset column) holding each document
     split: str = "train"  # hf: the dataset split to read
     tokenizer: str | None = None  # a tokenizer dir or hub id; None: the teacher's, else a BPE trained here
     vocab_size: int = 4096  # size of the BPE trained when there is no tokenizer
     seq_len: int = 256  # window length (concat) or chunk length (stream)
-    packing: str = "concat"  # concat | stream
+    packing: Literal["concat", "stream"] = "concat"
     document_attention: bool = False  # concat: attention does not cross document boundaries
     stream_kv_window: int | None = 4096  # stream: attention keys carried across chunks (null: the whole document)
     val_fraction: float = 0.05  # share of documents held out for validation
@@ -114,11 +139,10 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes reading a teacher cache (teacher.source: cache)
 
     def __post_init__(self):
-        _check_choice("data", "source", self.source, ("embedded", "text", "jsonl", "parquet", "hf"))
+        _check_literals(self)
         if self.source != "embedded" and not self.path:
             raise DistilError(f"data.path is required when data.source is {self.source!r}")
         _check_positive("data", "seq_len", self.seq_len)
-        _check_choice("data", "packing", self.packing, ("concat", "stream"))
         _check_positive("data", "stream_kv_window", self.stream_kv_window)
         _check_positive("data", "vocab_size", self.vocab_size)
         _check_positive("data", "max_docs", self.max_docs)
@@ -131,7 +155,7 @@ class DataConfig:
 class LossConfig:
     """loss = ce_weight * CE(labels) + kd_weight * KD(student, teacher)."""
 
-    kind: str = "forward_kl"  # see distil.losses.kd_loss
+    kind: Literal[ALL_KINDS] = "forward_kl"  # see distil.losses.kd_loss (top-k: TOPK_KINDS)
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     temperature: float = 1.0
@@ -141,20 +165,19 @@ class LossConfig:
     fused: bool = True  # fuse the LM head with the loss, chunked over tokens
     chunk_size: int = 1024  # tokens per chunk of the fused loss
     topk: int | None = None  # train on the teacher's top-k only (as a cache would hold)
-    tail: str = "bucket"  # bucket | renormalize (top-k only)
-    parallel: str = "none"  # none | vocab | sequence
+    tail: Literal[TAILS] = "bucket"  # top-k only
+    parallel: Literal["none", "vocab", "sequence"] = "none"
 
     def __post_init__(self):
+        _check_literals(self)
         # soft_ce needs top-k log-probs (loss.topk, or a cache / API teacher: checked in Config)
-        kinds = TOPK_KINDS if self.topk else ALL_KINDS
-        _check_choice("loss", "kind", self.kind, kinds)
+        if self.topk and self.kind not in TOPK_KINDS:
+            raise DistilError(f"loss.kind = {self.kind!r} is not one of {', '.join(TOPK_KINDS)} (with loss.topk)")
         _check_positive("loss", "kd_weight", self.kd_weight, allow_zero=True)
         _check_positive("loss", "ce_weight", self.ce_weight, allow_zero=True)
         _check_positive("loss", "temperature", self.temperature)
         _check_positive("loss", "chunk_size", self.chunk_size)
         _check_positive("loss", "topk", self.topk)
-        _check_choice("loss", "tail", self.tail, TAILS)
-        _check_choice("loss", "parallel", self.parallel, ("none", "vocab", "sequence"))
         if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
             raise DistilError(
                 f"loss.beta = {self.beta!r} must lie strictly in (0, 1); "
@@ -176,21 +199,21 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast
     log_every: int = 10
     val_every: int = 50  # 0 disables periodic validation
     progress: bool = True
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
-    parallel: str = "ddp"  # ddp | fsdp, under torchrun
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     compile: bool = False  # torch.compile the student (CUDA only; the CPU runs the eager reference)
     activation_checkpointing: bool = False
     spike_factor: float = 0.0  # spike guard: roll back when loss > factor x running median (0: off)
@@ -199,17 +222,14 @@ class TrainConfig:
     spike_lr_factor: float = 0.5  # LR multiplier after each rollback
 
     def __post_init__(self):
+        _check_literals(self)
         for name in ("steps", "batch_size", "grad_accum", "lr", "log_every", "spike_patience", "spike_window"):
             _check_positive("train", name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "val_every", "checkpoint_every", "spike_factor",
                      "keep_checkpoints"):
             _check_positive("train", name, getattr(self, name), allow_zero=True)
-        _check_choice("train", "parallel", self.parallel, ("ddp", "fsdp"))
         if not 0.0 < self.spike_lr_factor <= 1.0:
             raise DistilError(f"train.spike_lr_factor = {self.spike_lr_factor!r} must lie in (0, 1]")
-        _check_choice("train", "schedule", self.schedule, ("cosine", "wsd", "constant"))
-        _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("train", "dtype", self.dtype, ("float32", "bfloat16"))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise DistilError(f"train.min_lr_ratio = {self.min_lr_ratio!r} must lie in [0, 1]")
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -238,19 +258,20 @@ class HybridConfig:
     """
 
     stages: list[int] = field(default_factory=list)  # SSM layers after each stage, e.g. [1, 5, 25, 45]; []: off
-    placement: str = "uniform"  # uniform | importance | first | last
+    placement: Literal["uniform", "importance", "first", "last"] = "uniform"
     layers: list[int] | None = None  # an explicit layer list instead (one stage of that many layers)
     # importance score: local (the MIL SSM's output error against the attention's, one model pass) |
     # mil (end-to-end KL with the layer as its MIL SSM) | leave_one_out (KL with the layer removed)
-    score: str = "local"
+    score: Literal["local", "mil", "leave_one_out"] = "local"
     score_samples: int = 16  # held-out windows the layers are scored on (and training windows MIL calibrates on)
-    mixer: str = "mamba2"  # mamba2 | discrete_mamba2
-    init: str = "mil"  # mil (calibrated, from the attention weights) | mil_plain (uncalibrated) | random
+    mixer: Literal["mamba2", "discrete_mamba2"] = "mamba2"
+    init: Literal["mil", "mil_plain", "random"] = "mil"  # mil: calibrated, from the attention weights
     d_state: int = 16
     expand: float | None = None  # d_inner / d_model; None: n_heads * head_dim / d_model
     chunk_size: int = 128  # SSD scan chunk
 
     def __post_init__(self):
+        _check_literals(self)
         if self.layers is not None:
             if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
                 raise DistilError(f"hybrid.layers = {self.layers!r} should list distinct layer indices >= 0")
@@ -260,10 +281,6 @@ class HybridConfig:
             self.stages = [len(self.layers)]
         if any(n <= 0 for n in self.stages) or any(b <= a for a, b in zip(self.stages, self.stages[1:])):
             raise DistilError(f"hybrid.stages = {self.stages!r} should be increasing positive numbers of SSM layers")
-        _check_choice("hybrid", "placement", self.placement, ("uniform", "importance", "first", "last"))
-        _check_choice("hybrid", "score", self.score, ("local", "mil", "leave_one_out"))
-        _check_choice("hybrid", "mixer", self.mixer, ("mamba2", "discrete_mamba2"))
-        _check_choice("hybrid", "init", self.init, ("mil", "mil_plain", "random"))
         for name in ("score_samples", "d_state", "expand", "chunk_size"):
             _check_positive("hybrid", name, getattr(self, name))
 
@@ -282,6 +299,7 @@ class OutputConfig:
 @dataclass
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -291,6 +309,8 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
+        if self.teacher.source == "api" and not (self.api.base and self.api.model):
+            raise DistilError("api.base and api.model are required when teacher.source is 'api'")
         if self.teacher.source == "none" and self.loss.kd_weight > 0:
             raise DistilError("teacher.source is 'none' but loss.kd_weight > 0: set loss.kd_weight=0 or give a teacher")
         if self.loss.topk and self.loss.kind == "mse":
@@ -351,6 +371,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except DistilError as e:
                 errors.append(e)
         raise DistilError(f"{path} = {value!r} should be {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise DistilError(f"{path} = {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -422,7 +447,25 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> C
             data[section] = dict(value)
     for override in overrides or []:
         _apply_override(data, override)
+    _move_old_api_keys(data)
     return _build(Config, data, "")
+
+
+def _move_old_api_keys(data: dict) -> None:
+    """``teacher.api_base`` and the other flat ``teacher.api_*`` keys of earlier versions: moved to
+    the ``api`` section (``api.base`` ...), with a warning."""
+    teacher = data.get("teacher")
+    if not isinstance(teacher, dict):
+        return
+    for key in [k for k in teacher if isinstance(k, str) and k.startswith("api_")]:
+        new = key.removeprefix("api_")
+        if not isinstance(data.get("api"), dict):
+            data["api"] = {}
+        api = data["api"]
+        if new in api:
+            raise DistilError(f"teacher.{key} and api.{new} are both set; keep api.{new}")
+        api[new] = teacher.pop(key)
+        log.warning("teacher.%s is now api.%s; the old key still works but will go", key, new)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

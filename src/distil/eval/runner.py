@@ -1,64 +1,67 @@
-"""``distil eval``: load a model and its tokenizer, run the requested evaluations, return a dict."""
+"""``distil eval``: load a model and its tokenizer, run the requested evaluations, return a dict.
+
+    result = run_eval("runs/kl/checkpoints/final", data="held_out.jsonl", mc="hellaswag.jsonl")
+    # {"model": ..., "lm": {"loss": ..., "ppl": ...}, "multiple_choice": {"acc": ..., "acc_norm": ...}}
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from distil.config import DataConfig
+from distil.data.corpus import load_documents
+from distil.data.packing import concat_windows
+from distil.data.tokenize import has_tokenizer, load_tokenizer, tokenize_documents
 from distil.errors import DistilError
+from distil.eval.lm_eval_adapter import run_lm_eval
+from distil.eval.multiple_choice import load_items, score_multiple_choice
+from distil.eval.perplexity import evaluate_lm
+from distil.models import load
+from distil.run_dir import RunDir
+from distil.teachers import load_teacher
 
 
-def run_eval(args) -> dict:
-    from distil.data.corpus import load_documents
-    from distil.data.packing import concat_windows
-    from distil.data.tokenize import has_tokenizer, load_tokenizer, tokenize_documents
-    from distil.eval.multiple_choice import load_items, score_multiple_choice
-    from distil.eval.perplexity import evaluate_lm
-    from distil.models import load
-    from distil.run_dir import RunDir
-
-    if not args.data and not args.mc and not args.lm_eval:
+def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Path | None = None,
+             lm_eval: str | None = None, teacher: str | Path | None = None, tokenizer: str | Path | None = None,
+             text_field: str = "text", seq_len: int = 512, batch_size: int = 8, num_fewshot: int = 0,
+             lm_eval_include: str | None = None, limit: int | None = None, run: str | Path | None = None) -> dict:
+    """Held-out loss / perplexity on ``data`` (a .txt or .jsonl file; KL and top-1 agreement with
+    ``teacher`` too), multiple choice on ``mc``, lm-evaluation-harness ``lm_eval`` tasks
+    (comma-separated); with ``run`` the numbers are appended to that run's metrics."""
+    if not data and not mc and not lm_eval:
         raise DistilError("nothing to evaluate: give --data (loss/perplexity), --mc (multiple choice) or --lm-eval TASKS")
-    model = load(args.model).eval()
-    tokenizer_path = args.tokenizer or args.model
+    lm = load(model).eval()
+    tokenizer_path = tokenizer or model
     if not has_tokenizer(tokenizer_path):
         raise DistilError(f"no tokenizer in {tokenizer_path}; pass --tokenizer DIR")
-    tokenizer = load_tokenizer(tokenizer_path)
-    result: dict = {"model": str(args.model)}
-    if args.data:
-        from types import SimpleNamespace
-
-        path = Path(args.data)
+    tok = load_tokenizer(tokenizer_path)
+    result: dict = {"model": str(model)}
+    if data:
+        path = Path(data)
         source = "jsonl" if path.suffix == ".jsonl" else "text"
-        docs = load_documents(SimpleNamespace(source=source, path=str(path), text_field=args.text_field, max_docs=None))
-        windows, _ = concat_windows(tokenize_documents(tokenizer, docs), args.seq_len)
-        teacher = None
-        if args.teacher:
-            from distil.teachers import load_teacher
-
-            teacher = load_teacher(args.teacher)
-        result["lm"] = evaluate_lm(model, windows, batch_size=args.batch_size, teacher=teacher, progress=True)
-    if args.mc:
-        items = load_items(args.mc)
-        result["multiple_choice"] = score_multiple_choice(model, tokenizer, items, num_fewshot=args.num_fewshot,
-                                                          batch_size=args.batch_size, progress=True)
-    if args.lm_eval:
-        from distil.eval.lm_eval_adapter import run_lm_eval
-
-        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
-        raw = run_lm_eval(args.model, tasks, num_fewshot=args.num_fewshot or None, include_path=args.lm_eval_include,
-                          limit=args.limit, batch_size=args.batch_size)
+        docs = load_documents(DataConfig(source=source, path=str(path), text_field=text_field))
+        windows, _ = concat_windows(tokenize_documents(tok, docs), seq_len)
+        result["lm"] = evaluate_lm(lm, windows, batch_size=batch_size,
+                                   teacher=load_teacher(teacher) if teacher else None, progress=True)
+    if mc:
+        result["multiple_choice"] = score_multiple_choice(lm, tok, load_items(mc), num_fewshot=num_fewshot,
+                                                          batch_size=batch_size, progress=True)
+    if lm_eval:
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
+        raw = run_lm_eval(model, tasks, num_fewshot=num_fewshot or None, include_path=lm_eval_include, limit=limit,
+                          batch_size=batch_size)
         result["lm_eval"] = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                              for task, metrics in raw.items()}
-    if args.run:
-        run = RunDir(args.run)
-        if not run.path.is_dir():
-            raise DistilError(f"run folder not found: {args.run}")
+    if run:
+        folder = RunDir(run)
+        if not folder.path.is_dir():
+            raise DistilError(f"run folder not found: {run}")
         for group in ("lm", "multiple_choice"):
             for name, value in result.get(group, {}).items():
                 if isinstance(value, (int, float)):
-                    run.log(step=-1, tokens=0, split="eval", name=f"{group}/{name}", value=value)
+                    folder.log(step=-1, tokens=0, split="eval", name=f"{group}/{name}", value=value)
         for task, metrics in result.get("lm_eval", {}).items():
             for name, value in metrics.items():
-                run.log(step=-1, tokens=0, split="eval", name=f"lm_eval/{task}/{name}", value=value)
-        run.close()
+                folder.log(step=-1, tokens=0, split="eval", name=f"lm_eval/{task}/{name}", value=value)
+        folder.close()
     return result

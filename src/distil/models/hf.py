@@ -1,7 +1,7 @@
 """Hugging Face interop: load transformers checkpoints into distil and export distil models to them.
 
-    model = TransformerLM.from_hf("path/or/hub-id")   # Llama, Qwen2, Mistral
-    model.save_hf("out/hf")                             # AutoModelForCausalLM.from_pretrained loads it
+    model = load_hf("path/or/hub-id")   # Llama, Qwen2, Mistral
+    save_hf(model, "out/hf")            # AutoModelForCausalLM.from_pretrained loads it
 
 Parameter names already follow transformers' Llama, so conversion only strips or adds the
 ``model.`` prefix. Hybrids export through :func:`distil.models.export.export_hybrid_hf`.

@@ -3,7 +3,7 @@
     teacher = load_teacher("path/or/model.gguf")          # ModelTeacher (distil's model) or HFTeacher
     teacher = MemoTeacher(model)                          # a ModelTeacher remembering its outputs
     teacher = CacheTeacher.open(cfg, tokenizer, data)     # top-k read from disk with each batch
-    teacher = ApiTeacher.from_config(cfg.teacher, tok)    # top-k from an OpenAI-compatible endpoint
+    teacher = ApiTeacher.from_config(cfg.api, tok)    # top-k from an OpenAI-compatible endpoint
     teacher = build_teacher(cfg, tokenizer, data, device) # whichever the config names
 
     signal = teacher.signal(batch, Request("topk", k=64, temperature=1.0))

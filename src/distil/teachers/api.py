@@ -291,10 +291,10 @@ class ApiTeacher:
         self.cache_hits = 0
 
     @classmethod
-    def from_config(cls, tcfg, tokenizer) -> ApiTeacher:
-        return cls(tcfg.api_base, tcfg.api_model, tokenizer, api_key=os.environ.get(tcfg.api_key_env) or None,
-                   topk=tcfg.api_topk, concurrency=tcfg.api_concurrency, retries=tcfg.api_retries,
-                   timeout=tcfg.api_timeout, cache_dir=tcfg.api_cache)
+    def from_config(cls, api, tokenizer) -> ApiTeacher:
+        """From the config's ``api`` section."""
+        return cls(api.base, api.model, tokenizer, api_key=os.environ.get(api.key_env) or None, topk=api.topk,
+                   concurrency=api.concurrency, retries=api.retries, timeout=api.timeout, cache_dir=api.cache)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -19,6 +19,6 @@ def build_teacher(cfg: Config, tokenizer, data, device, *, model_teacher: Teache
     if cfg.teacher.source == "cache":
         return CacheTeacher.open(cfg, tokenizer, data)
     if cfg.teacher.source == "api":
-        return ApiTeacher.from_config(cfg.teacher, tokenizer)
+        return ApiTeacher.from_config(cfg.api, tokenizer)
     teacher = model_teacher or load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)
     return teacher.to(device)

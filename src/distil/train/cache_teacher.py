@@ -61,8 +61,8 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
     teacher, tokenizer, data = prepare(cfg, None, teacher=teacher, tokenizer=tokenizer, data=data, info=info,
                                        need_val=False)
     if cfg.teacher.source == "api":
-        teacher = teacher or ApiTeacher.from_config(cfg.teacher, tokenizer)
-        k = min(k, cfg.teacher.api_topk)
+        teacher = teacher or ApiTeacher.from_config(cfg.api, tokenizer)
+        k = min(k, cfg.api.topk)
         vocab_size, name, temperature = len(tokenizer), teacher.name, 1.0
     else:
         name = teacher.name
