@@ -251,6 +251,7 @@ def test_api_key_comes_from_the_environment(teacher_model, tiny_tokenizer, monke
         fake.close()
 
 
+@pytest.mark.slow
 def test_training_with_an_api_teacher_equals_the_online_teacher(server, teacher_model, tiny_tokenizer,
                                                                 tiny_corpus_file, tmp_path):
     from distil.teachers import ModelTeacher
@@ -281,6 +282,7 @@ def test_training_with_an_api_teacher_equals_the_online_teacher(server, teacher_
     assert server.requests - before <= len(TeacherCache(tmp_path / "cache")) - 4 * 4  # trained rows were cached
 
 
+@pytest.mark.slow
 def test_import_logprobs_cli(tmp_path, tiny_tokenizer):
     import os
     import subprocess

@@ -34,6 +34,7 @@ def test_every_command_has_help(command):
     assert len(out.stdout.splitlines()) > 4
 
 
+@pytest.mark.slow
 def test_info_prints_versions_device_and_kernels():
     out = distil("info")
     assert out.returncode == 0
@@ -54,6 +55,7 @@ def _assert_user_error(out, *fragments):
         assert fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_config_typo_is_one_line_exit_2(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  stepz: 3\n")
@@ -69,6 +71,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_line(tmp_path):
     _assert_user_error(distil("export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")), "not found")
     _assert_user_error(distil("eval", "--model", str(tmp_path / "nope"), "--mc", "x.jsonl"), "not found")
@@ -82,6 +85,7 @@ def test_empty_corpus_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing half-written is left behind
 
 
+@pytest.mark.slow
 def test_train_distils_end_to_end_and_eval_export(tmp_path, tiny_tokenizer, tiny_corpus_file):
     torch.manual_seed(0)
     teacher = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=1, n_heads=2))
@@ -126,6 +130,7 @@ def test_train_distils_end_to_end_and_eval_export(tmp_path, tiny_tokenizer, tiny
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf") is not None
 
 
+@pytest.mark.slow
 def test_hybridize_generate_and_export_a_hybrid(tmp_path, tiny_tokenizer, tiny_corpus_file):
     torch.manual_seed(0)
     teacher = TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=4, n_heads=2))
@@ -164,6 +169,7 @@ def _state(path):
     return load_file(str(path / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_train_converts_in_stages_and_an_interrupted_run_continues(tmp_path, tiny_tokenizer, tiny_corpus_file):
     """hybrid.stages: 1 -> 2 -> 3 of 4 layers, each stage distilled in its own folder. A run cut off in
     its last stage (after a checkpoint) continues to the same final model as the uninterrupted run."""

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from distil.demo import DemoSettings, run_demo, verdict
 
 
+@pytest.mark.slow
 def test_demo_pipeline_writes_an_honest_report(tmp_path):
     settings = DemoSettings(vocab_size=384, seq_len=32, batch_size=4, teacher=(48, 2, 2), student=(32, 1, 2),
                             teacher_steps=8, student_steps=4, val_every=2, val_batches=2, mc_items=8, max_docs=150,

@@ -10,6 +10,7 @@ from distil.models.io import save_native
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
 
 
+@pytest.mark.slow
 def test_lm_eval_runs_a_distil_model_on_a_local_task(tmp_path, tiny_tokenizer, tiny_docs, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -139,6 +139,7 @@ def _worker(rank, world, init_file, result_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_parallel_losses_equal_single_process(world):
     with tempfile.TemporaryDirectory() as tmp:

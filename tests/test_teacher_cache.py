@@ -205,6 +205,7 @@ def test_writer_reader_round_trip(world, tiny_tokenizer):
             np.testing.assert_array_equal(got, want)  # ranked = compact, decoded
 
 
+@pytest.mark.slow
 def test_stats_report_size_error_and_reconstruction_kl(world):
     stats = cache_stats(world["caches"]["compact"], sample=4)
     assert stats["max_abs_logprob_error"] <= 0.01
@@ -338,6 +339,7 @@ def test_dataloader_workers_and_ranks_read_the_same_batches(world, tiny_tokenize
         assert parts[0]["sampler_state"] == full["sampler_state"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_a_cache_like_one(world, tmp_path):
     cfg = cfg_dict(world["root"], world["corpus"], teacher={"source": "cache", "cache": str(world["caches"]["exact"])},
                    data={"num_workers": 1}, train={"checkpoint_every": 3})
@@ -438,6 +440,7 @@ def test_writer_rejects_nan_logprobs_and_k_larger_than_the_vocabulary(world, mon
     assert not list((tmp_path / "nan").glob("shard-*"))
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_and_exit_2(world, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_dict(world["root"], world["corpus"])))

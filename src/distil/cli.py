@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from distil import __version__
+from distil.config import HybridConfig, choices_of, default_of
+from distil.data.topk_codec import DEFAULT_ENCODING, ENCODINGS
 from distil.errors import DistilError
 
 log = logging.getLogger("distil")
@@ -124,17 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--num-ssm", type=int, help="how many attention layers to convert")
     which.add_argument("--layers", help="explicit comma-separated layer indices, e.g. 1,3,5")
-    p.add_argument("--placement", default="uniform", choices=["uniform", "importance", "first", "last"],
+    p.add_argument("--placement", default=default_of(HybridConfig, "placement"),
+                   choices=choices_of(HybridConfig, "placement"),
                    help="how to choose the layers with --num-ssm (default: uniform, one attention layer kept per bin)")
-    p.add_argument("--score", default="local", choices=["local", "mil", "leave_one_out"],
+    p.add_argument("--score", default=default_of(HybridConfig, "score"), choices=choices_of(HybridConfig, "score"),
                    help="importance score: local (default; the MIL SSM's output error against the attention output, "
                    "one model pass), mil (end-to-end KL when the layer alone becomes its MIL SSM) or leave_one_out "
                    "(KL when it is removed)")
-    p.add_argument("--mixer", default="mamba2", choices=["mamba2", "discrete_mamba2"])
-    p.add_argument("--init", default="mil", choices=["mil", "mil_plain", "random"],
+    p.add_argument("--mixer", default=default_of(HybridConfig, "mixer"), choices=choices_of(HybridConfig, "mixer"))
+    p.add_argument("--init", default=default_of(HybridConfig, "init"), choices=choices_of(HybridConfig, "init"),
                    help="mil (default): attention weights copied, gate/decay/conv/output scale calibrated on the "
                    "scoring text; mil_plain: the weights copied, the rest as Mamba initialises it; random")
-    p.add_argument("--d-state", type=int, default=16, help="SSM state size per head (default: 16)")
+    p.add_argument("--d-state", type=int, default=default_of(HybridConfig, "d_state"),
+                   help="SSM state size per head (default: %(default)s)")
     p.add_argument("--expand", type=float, help="d_inner / d_model (default: n_heads * head_dim / d_model)")
     p.add_argument("--chunk-size", type=int, default=128, help="SSD scan chunk length (default: 128)")
     p.add_argument("--data", help="text/JSONL to score layers and calibrate MIL on (default: the embedded corpus)")
@@ -183,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field (repeatable)")
     p.add_argument("--out", help="cache folder to write (default: teacher.cache of the config)")
     p.add_argument("--k", type=int, help="entries kept per position (default: loss.topk, else 64)")
-    p.add_argument("--encoding", default="ranked", choices=["ranked", "compact", "exact"],
+    p.add_argument("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS,
                    help="ranked (default): log-probs quantised (error < 0.01 nats where p >= 1e-4), ids renumbered "
                         "by a per-cache frequency table; compact: the same quantisation, raw ids; exact: float32")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default: 8)")
@@ -211,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--multi-token", default="first", choices=["first", "drop"],
                    help="a top_logprobs string that is several student tokens: keep its first id (default) or drop it")
-    p.add_argument("--encoding", default="ranked", choices=["ranked", "compact", "exact"],
+    p.add_argument("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS,
                    help="how the cache stores the log-probs (see cache-teacher --help; default ranked)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("--json", action="store_true", help="print the import counts as one JSON object")

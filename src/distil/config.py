@@ -36,6 +36,15 @@ def _literal_fields(cls: type) -> dict[str, tuple]:
     return {name: choices for name, tp in typing.get_type_hints(cls).items() if (choices := _choices(tp))}
 
 
+def choices_of(section: type, name: str) -> tuple:
+    """The allowed values of a config field (its ``Literal[...]``), e.g. for a CLI option's choices."""
+    return _literal_fields(section)[name]
+
+
+def default_of(section: type, name: str):
+    return next(f.default for f in dataclasses.fields(section) if f.name == name)
+
+
 def _check_literals(section) -> None:
     """Every ``Literal[...]`` field of a config section holds one of its values: the one check of
     every choice in the config, for sections built from YAML and in Python alike."""

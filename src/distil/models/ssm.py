@@ -120,6 +120,22 @@ def ssd_chunked(x, log_decay, B, C, *, chunk_size: int, initial_state=None):
     return y, final_state
 
 
+def recurrence_step(state, decay, x, B, C):
+    """One step of the SSM recurrence, the one place it is written: h = decay * h + x B^T, y = h C.
+    ``state`` [b, h, p, n], ``decay`` [b, h], ``x`` [b, h, p], ``B`` and ``C`` [b, h, n]."""
+    state = state * decay[..., None, None] + x[..., None] * B[:, :, None, :]
+    return torch.einsum("bhpn,bhn->bhp", state, C), state
+
+
+def conv_step(xbc: torch.Tensor, conv_state: torch.Tensor, conv1d: nn.Conv1d):
+    """One token through the depthwise causal conv: (pre-activation output [b, c], new state [b, c, k - 1])."""
+    window = torch.cat([conv_state.to(xbc.dtype), xbc[..., None]], dim=-1)  # [b, c, k]
+    out = (window * conv1d.weight[:, 0]).sum(-1)
+    if conv1d.bias is not None:
+        out = out + conv1d.bias
+    return out, window[..., 1:]
+
+
 def ssd_sequential(x, log_decay, B, C, *, initial_state=None):
     """The recurrence one step at a time: the reference for :func:`ssd_chunked` (and for ``step``)."""
     batch, length, heads, head_dim = x.shape
@@ -129,8 +145,8 @@ def ssd_sequential(x, log_decay, B, C, *, initial_state=None):
              if initial_state is None else initial_state.to(dtype))
     ys = []
     for t in range(length):
-        state = state * torch.exp(log_decay[:, t].to(dtype))[..., None, None] + x[:, t].to(dtype)[..., None] * B[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+        y, state = recurrence_step(state, torch.exp(log_decay[:, t].to(dtype)), x[:, t].to(dtype), B[:, t], C[:, t])
+        ys.append(y)
     return torch.stack(ys, dim=1), state
 
 
@@ -223,9 +239,8 @@ class Mamba2Mixer(nn.Module):
         if use_fast_path("causal_conv1d", hidden):
             xbc_act, conv_state = _fast_conv_step(xbc, self.conv1d, state.conv)
         else:
-            window = torch.cat([state.conv.to(xbc.dtype), xbc[..., None]], dim=-1)  # [b, c, k]
-            xbc_act = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
-            conv_state = window[..., 1:]
+            conv_out, conv_state = conv_step(xbc, state.conv, self.conv1d)
+            xbc_act = F.silu(conv_out)
         if use_fast_path("mamba_ssm", hidden):
             y, ssm_state = _fast_ssm_step(self, xbc_act, dt, state.ssm)
             return self.out_proj(self.norm(y.to(hidden.dtype), z)), SSMState(conv_state, ssm_state)
@@ -238,8 +253,8 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(_fp(dt, hidden) + _fp(self.dt_bias, hidden))  # [b, h]
         A = -torch.exp(_fp(self.A_log, hidden))
         x, B, C = _fp(x, hidden), _fp(B, hidden), _fp(C, hidden)
-        ssm = _fp(state.ssm, hidden) * torch.exp(dt * A)[..., None, None] + (x * dt[..., None])[..., None] * B[:, :, None, :]
-        y = torch.einsum("bhpn,bhn->bhp", ssm, C) + x * _fp(self.D, hidden)[:, None]
+        y, ssm = recurrence_step(_fp(state.ssm, hidden), torch.exp(dt * A), x * dt[..., None], B, C)
+        y = y + x * _fp(self.D, hidden)[:, None]
         y = y.reshape(batch, self.d_inner).to(hidden.dtype)
         return self.out_proj(self.norm(y, z)), SSMState(conv_state, ssm.to(state.ssm.dtype))
 
@@ -370,20 +385,17 @@ class DiscreteMamba2Mixer(nn.Module):
 
     def step(self, hidden: torch.Tensor, state: SSMState):
         xbc, z, a_raw = self._split(self.in_proj(hidden))
-        window = torch.cat([state.conv.to(xbc.dtype), xbc[..., None]], dim=-1)
-        conv_out = (window * self.conv1d.weight[:, 0]).sum(-1)
-        if self.conv1d.bias is not None:
-            conv_out = conv_out + self.conv1d.bias
+        conv_out, conv_state = conv_step(xbc, state.conv, self.conv1d)
         batch = hidden.shape[0]
         x, B, C = (t[:, 0] for t in self._heads(conv_out[:, None], batch, 1))
         ratio = self.n_v_heads // self.n_qk_heads
         B, C = _fp(B.repeat_interleave(ratio, dim=1), hidden), _fp(C.repeat_interleave(ratio, dim=1), hidden)
         decay = torch.exp(-F.softplus(_fp(a_raw, hidden)))  # [b, h]
         x = _fp(x, hidden)
-        ssm = _fp(state.ssm, hidden) * decay[..., None, None] + x[..., None] * B[:, :, None, :]
-        y = torch.einsum("bhpn,bhn->bhp", ssm, C) + x * _fp(self.D, hidden)[:, None]
+        y, ssm = recurrence_step(_fp(state.ssm, hidden), decay, x, B, C)
+        y = y + x * _fp(self.D, hidden)[:, None]
         y = y.reshape(batch, self.d_inner).to(hidden.dtype)
-        return self.out_proj(y * F.silu(z + self.z_bias)), SSMState(window[..., 1:], ssm.to(state.ssm.dtype))
+        return self.out_proj(y * F.silu(z + self.z_bias)), SSMState(conv_state, ssm.to(state.ssm.dtype))
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> SSMState:
         return SSMState(torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,8 @@ from distil.train.plan import ParallelPlan
 from distil.train.schedule import lr_multiplier
 
 log = logging.getLogger("distil")
+# Testing hook: DISTIL_KILL_AT_STEP=N makes a run SIGKILL itself once step N is logged and checkpointed.
+KILL_AT_STEP = int(os.environ.get("DISTIL_KILL_AT_STEP") or 0) or None
 
 
 @dataclass
@@ -297,6 +301,8 @@ def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
             barrier(info)
         if t.checkpoint_every and s.step % t.checkpoint_every == 0 and s.step != t.steps:
             s.checkpoint(s.step)
+        if s.step == KILL_AT_STEP:  # a test's fixed point for a SIGKILL (tests/test_engine.py)
+            os.kill(os.getpid(), signal.SIGKILL)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{session_tokens / elapsed:,.0f}",
                         **({"val": f"{val['loss']:.3f}"} if val else {}))
         bar.update(1)
