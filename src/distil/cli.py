@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("distil: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `distil info | head`: the reader went away; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from distil.data.dataset import build_data
 from distil.data.tokenize import train_bpe_tokenizer
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
+from distil.hybrid import hybridize, select_layers
+from distil.models.generate import generate
 from distil.models.io import save_native
 from distil.run_dir import RunDir
 from distil.teachers import MemoTeacher, Teacher
@@ -165,8 +167,6 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: b
 
 def decode_speed(model, *, context: int, new_tokens: int, vocab: int) -> float:
     """Generated tokens per second after a ``context``-token prompt (batch 1, greedy)."""
-    from distil.models.generate import generate
-
     prompt = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
     generate(model, prompt[:, :8], max_new_tokens=2)  # warm-up
     start = time.perf_counter()
@@ -176,8 +176,6 @@ def decode_speed(model, *, context: int, new_tokens: int, vocab: int) -> float:
 
 def run_hybrid_demo(run: RunDir, settings: DemoSettings, teacher: Teacher, tokenizer, data, say) -> dict:
     """Convert the teacher to a 50% Mamba2 hybrid with MIL and with random init; distil both with reverse KL."""
-    from distil.hybrid import hybridize, select_layers
-
     n_layers = teacher.model.config.n_layers
     held_out = torch.from_numpy(data.val_windows[:8, :-1].astype("int64"))
     calibration = torch.from_numpy(data.train_windows[:8, :-1].astype("int64"))

@@ -19,6 +19,9 @@ import platform
 
 import torch
 
+from distil import __version__
+from distil.runtime import tune_allocator
+
 log = logging.getLogger("distil")
 
 KERNELS = {
@@ -79,8 +82,6 @@ def _version(module: str) -> str:
 
 
 def describe_environment() -> dict[str, str]:
-    from distil import __version__
-
     info = {
         "distil": __version__,
         "python": platform.python_version(),
@@ -99,8 +100,6 @@ def describe_environment() -> dict[str, str]:
                        ("wandb", "wandb")):
         info[name] = _version(dist) if installed(name) else "not installed"
     info["fast paths"] = "on CUDA when installed" if torch.cuda.is_available() else "none on CPU (reference paths)"
-    from distil.runtime import tune_allocator
-
     info["allocator"] = ("glibc thresholds raised (DISTIL_MALLOC_TUNING=0 to disable)" if tune_allocator()
                          else "default")
     return info

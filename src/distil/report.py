@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from distil.charts import format_params, markdown_table, plot_curves, smooth
+from distil.errors import DistilError
+from distil.fsutil import atomic_write_text
+from distil.run_dir import read_metrics
 
 __all__ = ["format_params", "markdown_table", "plot_curves", "smooth", "read_run_series", "write_comparison_report"]
 
@@ -22,9 +25,6 @@ def read_run_series(path: str | Path) -> dict:
     """A run's curves and summary, from a run folder (metrics.jsonl, summary.json) or from a text
     log of ``index label value`` lines (the format of the source notebook: label train / val / hella)."""
     import json
-
-    from distil.errors import DistilError
-    from distil.run_dir import read_metrics
 
     path = Path(path)
     series: dict[str, list[tuple[float, float]]] = {}
@@ -144,6 +144,4 @@ img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head>
 
 
 def atomic_write_text_path(path: Path, text: str) -> None:
-    from distil.fsutil import atomic_write_text
-
     atomic_write_text(path, text)

@@ -48,6 +48,7 @@ from distil.data.topk_codec import (
 )
 from distil.errors import DistilError
 from distil.fsutil import atomic_write_text, fsync_dir
+from distil.spec import shared_vocab
 
 log = logging.getLogger("distil")
 
@@ -451,8 +452,6 @@ class TeacherCache:
             raise DistilError(f"the cache {self.path} was written with tokenizer {s.tokenizer_hash[:12]} but the data "
                               f"uses tokenizer {tokenizer_hash[:12]}")
         if vocab_size is not None and s.vocab_size != vocab_size:
-            from distil.spec import shared_vocab
-
             try:
                 shared_vocab(vocab_size, s.vocab_size)
             except DistilError:

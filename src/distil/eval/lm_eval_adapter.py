@@ -10,7 +10,14 @@ scoring code as ``distil eval --mc``; generation uses the KV cache / SSM state.
 
 from __future__ import annotations
 
+import numpy as np
+
+from distil.data.tokenize import has_tokenizer, load_tokenizer
 from distil.errors import DistilError
+from distil.eval.multiple_choice import continuation_logprobs
+from distil.eval.perplexity import evaluate_lm
+from distil.models.generate import generate_text
+from distil.models.loading import load
 
 _LM_CLASS = None
 
@@ -31,9 +38,6 @@ def lm_class():
         def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, batch_size: int | str = 8,
                      device: str = "cpu", max_length: int = 2048, **kwargs):
             super().__init__()
-            from distil.data.tokenize import has_tokenizer, load_tokenizer
-            from distil.models import load
-
             if model is None:
                 if pretrained is None:
                     raise DistilError("the distil lm-eval model needs pretrained=PATH")
@@ -46,8 +50,6 @@ def lm_class():
             self.device_name, self.max_length = device, max_length
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            from distil.eval.multiple_choice import continuation_logprobs
-
             pairs = [req.args for req in requests]
             scores = continuation_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size_per_gpu,
                                            max_len=self.max_length, device=self.device_name, return_greedy=True,
@@ -55,10 +57,6 @@ def lm_class():
             return [(total, greedy) for total, _, greedy in scores]
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            import numpy as np
-
-            from distil.eval.perplexity import evaluate_lm
-
             out = []
             for req in requests:
                 ids = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
@@ -74,8 +72,6 @@ def lm_class():
             return out
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            from distil.models.generate import generate_text
-
             out = []
             for req in requests:
                 context, options = req.args

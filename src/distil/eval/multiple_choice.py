@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from distil.data.corpus import read_jsonl
 from distil.errors import DistilError
 
 
@@ -66,8 +67,6 @@ def load_items(path: str | Path) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise DistilError(f"multiple-choice file not found: {path}")
-    from distil.data.corpus import read_jsonl
-
     items = [parse_item(record, f"{path}:{line_no}") for line_no, record in read_jsonl(path)]
     if not items:
         raise DistilError(f"multiple-choice file {path} has no items")

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from distil.errors import DistilError
+from distil.models.ssm import DiscreteMamba2Mixer, Mamba2Mixer
 from distil.models.transformer import Block, TransformerLM
 
 MIXERS = {"mamba2": "M", "discrete_mamba2": "D"}
@@ -92,8 +93,6 @@ def _head_rows(weight: torch.Tensor, head: int, head_dim: int, rows: int) -> tor
 def mil_init(mixer: nn.Module, attention: nn.Module, cfg, calib: LayerCalibration | None = None) -> None:
     """Copy W_Q, W_K, W_V, W_O of ``attention`` into ``mixer`` (Mamba2Mixer or DiscreteMamba2Mixer);
     with ``calib``, then set gate, decay, skip, conv and output scale from it (calibrated MIL)."""
-    from distil.models.ssm import DiscreteMamba2Mixer, Mamba2Mixer
-
     n_heads, n_kv, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kv_of = lambda h: h // (n_heads // n_kv)  # noqa: E731 - the KV head a query head uses
     W_q, W_k, W_v, W_o = (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight, attention.o_proj.weight)
@@ -256,8 +255,6 @@ def _match_head_scale(mixer, calib: LayerCalibration, n_heads: int, head_dim: in
 
 
 def _fresh_mixer(kind: str, d_model: int, settings: dict, device, dtype) -> nn.Module:
-    from distil.models.ssm import DiscreteMamba2Mixer, Mamba2Mixer
-
     mixer = (Mamba2Mixer if kind == "M" else DiscreteMamba2Mixer)(d_model, **settings)
     for module in mixer.modules():
         if isinstance(module, nn.Linear):  # as TransformerLM initialises its projections

@@ -29,7 +29,9 @@ import torch
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_write_text
+from distil.hybrid.mil import calibrate, fresh_mil_mixer
 from distil.losses import kd_loss
+from distil.models.transformer import rope_cos_sin
 
 
 @dataclass
@@ -63,8 +65,6 @@ def layer_scores(model, data: torch.Tensor, *, score: str = "local", mixer: str 
     whole set at once). The MIL mixers are calibrated on ``data`` itself.
     """
     from tqdm.auto import tqdm
-
-    from distil.hybrid.mil import calibrate, fresh_mil_mixer
 
     if score not in SCORES:
         raise DistilError(f"score {score!r} should be one of {', '.join(SCORES)}")
@@ -119,8 +119,6 @@ def layer_scores(model, data: torch.Tensor, *, score: str = "local", mixer: str 
 def _layer_inputs(model, tokens):
     """Each layer's input (the residual stream) for ``tokens``, plus the rotary cos/sin; the last entry
     is the final layer's output."""
-    from distil.models.transformer import rope_cos_sin
-
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     x = model.embed_tokens(tokens)
     cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)

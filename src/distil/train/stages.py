@@ -33,6 +33,7 @@ from distil.fsutil import atomic_write_text
 from distil.hybrid.placement import layer_scores
 from distil.hybrid.progressive import convert_progressively
 from distil.models import load
+from distil.models.io import save_native
 from distil.run_dir import RunDir
 from distil.train.checkpoint import latest_checkpoint
 from distil.train.distributed import barrier, init_distributed
@@ -141,8 +142,6 @@ def train_in_stages(cfg, run: RunDir) -> tuple[TrainResult | None, list[dict]]:
         calibration=calibration)
     final = stages[-1].model
     if info.is_main:
-        from distil.models.io import save_native
-
         save_native(final, run.checkpoints / "final", tokenizer=tokenizer, overwrite=True)
         atomic_write_text(run.path / "stages.json", json.dumps(records, indent=2))
         write_stages_report(run, cfg, records)
