@@ -12,8 +12,10 @@ A user error prints one line and exits with code 2; ``--debug`` shows the traceb
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,8 +36,47 @@ def _add_common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
                    help="show full tracebacks and debug logging")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (and exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"distil: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+def _float_where(ok, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} must be {what}")
+        return value
+
+    return parse
+
+
+positive_float = _float_where(lambda v: v > 0, "> 0")
+nonnegative_float = _float_where(lambda v: v >= 0, ">= 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distil",
         description="Distil a transformer language model (the teacher) into a smaller or faster student, "
         "and prove the result with evaluation and reports.",
@@ -43,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"distil {__version__}")
     _add_common(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
         "demo",
@@ -88,17 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
     p.add_argument("--data", help="text (.txt) or JSONL file for loss and perplexity")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--seq-len", type=int, default=512, help="window length for perplexity (default: 512)")
+    p.add_argument("--seq-len", type=at_least(1), default=512, help="window length for perplexity (default: 512)")
     p.add_argument("--mc", help="multiple-choice JSONL: HellaSwag format (ctx, endings, label) or context/choices/label")
-    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples for multiple choice (default: 0)")
+    p.add_argument("--num-fewshot", type=at_least(0), default=0, help="few-shot examples for multiple choice (default: 0)")
     p.add_argument("--teacher", help="teacher checkpoint: adds KL to the teacher and top-1 agreement on --data")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--tokenizer", help="tokenizer directory if the model directory has none")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--run", help="run folder whose metrics.jsonl gets the results")
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs distil[eval])")
     p.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAMLs")
-    p.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task")
+    p.add_argument("--limit", type=at_least(1), help="lm-eval: at most this many examples per task")
     _add_common(p)
 
     p = sub.add_parser(
@@ -125,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint directory (with its tokenizer)")
     p.add_argument("--out", required=True, help="output directory for the hybrid")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--num-ssm", type=int, help="how many attention layers to convert")
+    which.add_argument("--num-ssm", type=at_least(1), help="how many attention layers to convert")
     which.add_argument("--layers", help="explicit comma-separated layer indices, e.g. 1,3,5")
     p.add_argument("--placement", default=default_of(HybridConfig, "placement"),
                    choices=choices_of(HybridConfig, "placement"),
@@ -138,12 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=default_of(HybridConfig, "init"), choices=choices_of(HybridConfig, "init"),
                    help="mil (default): attention weights copied, gate/decay/conv/output scale calibrated on the "
                    "scoring text; mil_plain: the weights copied, the rest as Mamba initialises it; random")
-    p.add_argument("--d-state", type=int, default=default_of(HybridConfig, "d_state"),
+    p.add_argument("--d-state", type=at_least(1), default=default_of(HybridConfig, "d_state"),
                    help="SSM state size per head (default: %(default)s)")
-    p.add_argument("--expand", type=float, help="d_inner / d_model (default: n_heads * head_dim / d_model)")
-    p.add_argument("--chunk-size", type=int, default=128, help="SSD scan chunk length (default: 128)")
+    p.add_argument("--expand", type=positive_float, help="d_inner / d_model (default: n_heads * head_dim / d_model)")
+    p.add_argument("--chunk-size", type=at_least(1), default=128, help="SSD scan chunk length (default: 128)")
     p.add_argument("--data", help="text/JSONL to score layers and calibrate MIL on (default: the embedded corpus)")
-    p.add_argument("--samples", type=int, default=16, help="sequences used to score layers and calibrate (default: 16)")
+    p.add_argument("--samples", type=at_least(1), default=16, help="sequences used to score layers and calibrate (default: 16)")
     p.add_argument("--seq-len", type=int, default=256, help="length of those sequences (default: 256)")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     _add_common(p)
@@ -152,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue a prompt with a distil or transformers Llama-family checkpoint.")
     p.add_argument("model", help="checkpoint directory (with its tokenizer)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=at_least(1), help="sample from the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
     _add_common(p)
 
@@ -171,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chance", type=float, default=0.25, help="random-chance accuracy line (default 0.25; <0: none)")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=VALUE",
                    help="a baseline model's score as a reference line, e.g. 'GPT-2 124M=0.2955' (repeatable)")
-    p.add_argument("--smooth", type=int, default=1, help="moving-average window for training loss (default 1)")
+    p.add_argument("--smooth", type=at_least(1), default=1, help="moving-average window for training loss (default 1)")
     _add_common(p)
 
     p = sub.add_parser(
@@ -187,18 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config field (repeatable)")
     p.add_argument("--out", help="cache folder to write (default: teacher.cache of the config)")
-    p.add_argument("--k", type=int, help="entries kept per position (default: loss.topk, else 64)")
+    p.add_argument("--k", type=at_least(1), help="entries kept per position (default: loss.topk, else 64)")
     p.add_argument("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS,
                    help="ranked (default): log-probs quantised (error < 0.01 nats where p >= 1e-4), ids renumbered "
                         "by a per-cache frequency table; compact: the same quantisation, raw ids; exact: float32")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default: 8)")
-    p.add_argument("--workers", type=int, default=2, help="threads encoding and compressing shards (default: 2)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per teacher forward (default: 8)")
+    p.add_argument("--workers", type=at_least(1), default=2, help="threads encoding and compressing shards (default: 2)")
     p.add_argument("--level", type=int, default=12, help="zstd compression level, 1-22 (default: 12)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard file (default: 4194304)")
+    p.add_argument("--shard-tokens", type=at_least(1), default=1 << 22, help="tokens per shard file (default: 4194304)")
     p.add_argument("--overwrite", action="store_true", help="write the cache again even if complete or unfinished")
     p.add_argument("--stats", metavar="CACHE_DIR", help="report on an existing cache instead of writing one")
     p.add_argument("--teacher", help="--stats: the teacher to compare against (default: the one in the manifest)")
-    p.add_argument("--sample", type=int, default=8, help="--stats: sequences the teacher is rerun on (default: 8)")
+    p.add_argument("--sample", type=at_least(1), default=8, help="--stats: sequences the teacher is rerun on (default: 8)")
     p.add_argument("--json", action="store_true", help="--stats: print one JSON object")
     _add_common(p)
 
@@ -236,6 +277,26 @@ def _setup_logging(debug: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an error of the OS: what happened, to which path, and what to do."""
+    where = e.filename or "a file"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}; choose a folder you can write to (or fix its permissions)"
+    if e.errno == errno.EROFS:
+        return f"{where} is on a read-only file system; choose another output folder"
+    if e.errno == errno.ENOTDIR:
+        return f"{where}: a part of this path is a file, not a folder"
+    if e.errno == errno.EISDIR:
+        return f"{where} is a folder; give a file"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device writing {where}; free some space (or write elsewhere) and run again"
+    if e.errno == errno.EEXIST:
+        return f"{where} already exists; pass --overwrite to replace it"
+    if e.errno == errno.ENOENT:
+        return f"{where} does not exist"
+    return f"{where}: {e.strerror or e}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -251,10 +312,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"distil: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except FileExistsError as e:
+    except OSError as e:
         if debug:
             raise
-        print(f"distil: error: {e} already exists; pass --overwrite to replace it", file=sys.stderr)
+        print(f"distil: error: {os_error_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("distil: interrupted", file=sys.stderr)
@@ -375,6 +436,8 @@ def cmd_generate(args) -> None:
     from distil.models import load
     from distil.models.generate import generate_text
 
+    if not args.prompt.strip():
+        raise DistilError("--prompt is empty: give some text to continue")
     if not has_tokenizer(args.model):
         raise DistilError(f"no tokenizer in {args.model}")
     torch.manual_seed(args.seed)

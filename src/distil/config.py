@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -395,9 +396,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads `1e-3` (no dot) as a string; take it as the float the user meant.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise DistilError(f"{path} = {value!r} should be a finite number")
     if tp is bool and not isinstance(value, bool):
         raise DistilError(f"{path} = {value!r} should be true or false")
     if tp in (int, float) and isinstance(value, bool):
@@ -442,7 +445,10 @@ def _apply_override(data: dict, override: str) -> None:
     if section not in sections:
         raise DistilError(f"unknown config section {section!r} in --set {override!r}; allowed: {', '.join(sections)}")
     # YAML parses the value, so `3` is an int, `1e-3` a float, `true` a bool and `null` None.
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise DistilError(f"--set {override!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     data.setdefault(section, {})
     if data[section] is None:
         data[section] = {}
@@ -485,7 +491,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise DistilError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise DistilError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise DistilError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
         if not isinstance(data, dict):

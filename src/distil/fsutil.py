@@ -20,6 +20,19 @@ from pathlib import Path
 DEFAULT_CACHE = "~/.cache/distil"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Temporary names come from mkstemp / mkdtemp (0600 / 0700); the final file or folder gets the mode
+# a file written normally would have, so others on a shared machine can read reports and models.
+UMASK = _read_umask()
+FILE_MODE = 0o666 & ~UMASK
+DIR_MODE = 0o777 & ~UMASK
+
+
 def cache_dir() -> Path:
     """Where distil keeps derived files: ``$DISTIL_CACHE_DIR``, else ``~/.cache/distil``."""
     return Path(os.environ.get("DISTIL_CACHE_DIR") or DEFAULT_CACHE).expanduser()
@@ -55,6 +68,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, FILE_MODE)
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -88,6 +102,7 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
         for child in tmp.rglob("*"):

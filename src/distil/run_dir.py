@@ -13,12 +13,14 @@ the caller asks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
 from distil.errors import DistilError
-from distil.fsutil import atomic_write_text
+from distil.fsutil import FILE_MODE, atomic_write_text
 
 
 class RunDir:
@@ -121,3 +123,98 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+# -- the state of a run folder, and its lock -------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+def run_state(path: str | Path) -> str:
+    """``absent`` (no folder, or an empty one), ``complete`` (summary.json), ``resumable`` (a
+    checkpoint), ``unstarted`` (a run folder killed before its first checkpoint: config.yaml and
+    nothing to resume) or ``foreign`` (a folder that is not a distil run)."""
+    path = Path(path)
+    if not path.is_dir() or not any(p for p in path.iterdir() if p.name != LOCK_FILE):
+        return "absent"
+    if (path / "summary.json").is_file():
+        return "complete"
+    steps = path / "checkpoints"
+    if steps.is_dir() and any(p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
+                              for p in steps.iterdir()):
+        return "resumable"
+    return "unstarted" if (path / "config.yaml").is_file() else "foreign"
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Temporary files and folders a killed writer left (``.name.XXXX.tmp``, ``.name.old``)."""
+    stale = []
+    for folder in (path, path / "checkpoints", path / "plots"):
+        if folder.is_dir():
+            stale += [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """``<run>/.lock`` holding the owner's pid and host: one live process per run folder.
+
+    A lock whose process is gone (a killed run) is stale and is taken over."""
+
+    def __init__(self, folder: Path):
+        self.file = Path(folder) / LOCK_FILE
+        self.held = False
+
+    def holder(self) -> dict | None:
+        """The live process holding the folder (not this one), or None."""
+        try:
+            info = json.loads(self.file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        pid = info.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid():
+            return None
+        if info.get("host") == socket.gethostname() and not _pid_alive(pid):
+            return None  # stale: that process is gone
+        return info
+
+    def check(self) -> None:
+        owner = self.holder()
+        if owner is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("time", 0)))
+            raise DistilError(f"run folder {self.file.parent} is in use by process {owner['pid']} on "
+                              f"{owner.get('host', '?')} (since {since}); wait for it to finish or use another "
+                              "--run-dir")
+
+    def acquire(self) -> RunLock:
+        self.check()
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+        try:
+            fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+        except FileExistsError:  # stale (checked above): take it over
+            atomic_write_text(self.file, record)
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                if json.loads(self.file.read_text()).get("pid") == os.getpid():
+                    self.file.unlink()
+            except (OSError, json.JSONDecodeError):
+                pass
+            self.held = False

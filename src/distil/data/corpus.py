@@ -51,7 +51,7 @@ def _read_text_documents(path: Path) -> list[str]:
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     docs = []
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(f)
         if path.is_dir():
             docs.append(text.strip())  # one document per file
         else:
@@ -60,10 +60,25 @@ def _read_text_documents(path: Path) -> list[str]:
     return [d for d in docs if d]
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file; other bytes are an error naming the file and the offset (never U+FFFD)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DistilError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_jsonl(path: Path):
-    """(line number, record) for each non-blank line; invalid JSON is an error naming the line."""
-    with Path(path).open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    """(line number, record) for each non-blank line; invalid JSON or non-UTF-8 bytes are an error
+    naming the line."""
+    with Path(path).open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DistilError(f"{path}:{line_no} is not UTF-8 text (byte {e.start} of the line); convert the "
+                                  "file to UTF-8") from None
             if not line.strip():
                 continue
             try:

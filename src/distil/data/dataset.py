@@ -18,6 +18,7 @@ import numpy as np
 from distil.data.corpus import load_documents, split_documents
 from distil.data.packing import flatten_documents, strided_windows
 from distil.data.tokenize import tokenize_documents, tokenizer_hash
+from distil.errors import DistilError
 from distil.fsutil import atomic_dir, cache_path
 
 log = logging.getLogger("distil")
@@ -62,8 +63,14 @@ def build_data(data_cfg, tokenizer, *, docs: tuple[list[str], list[str]] | None 
     too short for one window. Errors about too little data name the split and the numbers."""
     cache = _cache_dir(data_cfg, tokenizer) if docs is None else None
     if cache is not None and (cache / "done").is_file():
-        log.info("tokens from the cache %s", cache)
-        return _from_cache(cache, data_cfg, need_val)
+        try:
+            data = _from_cache(cache, data_cfg, need_val)
+            log.info("tokens from the cache %s", cache)
+            return data
+        except DistilError:
+            raise  # the data itself (too few tokens for a window): tokenising again would not help
+        except (OSError, ValueError, EOFError) as e:  # truncated or damaged files
+            log.warning("the token cache %s is damaged (%s); tokenising again", cache, str(e).splitlines()[0])
     train_docs, val_docs = docs if docs is not None else split_corpus(data_cfg)
     train_tokens = tokenize_documents(tokenizer, train_docs)
     val_tokens = tokenize_documents(tokenizer, val_docs)

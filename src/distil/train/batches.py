@@ -178,6 +178,16 @@ class CacheDataset(torch.utils.data.IterableDataset):
         return batch
 
 
+def worker_error_line(message: str) -> str:
+    """The original one-line message of an error a DataLoader worker raised (the DataLoader re-raises
+    it as 'Caught DistilError in DataLoader worker process 0. Original Traceback ...')."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        return last.split("DistilError: ", 1)[1] if "DistilError: " in last else last
+    return message
+
+
 class CacheBatches:
     """Training batches from a teacher cache through a DataLoader (``data.num_workers`` workers).
 
@@ -213,7 +223,10 @@ class CacheBatches:
                                                  pin_memory=device.type == "cuda",
                                                  prefetch_factor=4 if workers else None)
             self._it = iter(loader)
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except DistilError as e:  # from a worker: the DataLoader puts the worker's whole traceback in the message
+            raise DistilError(worker_error_line(str(e))) from None
         self.state = batch.pop("sampler_state")
         topk = tuple(t.to(device, non_blocking=True) for t in batch.pop("teacher_topk"))
         batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}

@@ -13,6 +13,7 @@ previous checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import random
 import re
 import shutil
@@ -62,7 +63,14 @@ def save_checkpoint(folder: Path, step: int, model, optimizer_state: dict, *, ex
     target = Path(folder) / f"step_{step:08d}"
     with atomic_dir(target, overwrite=True) as tmp:
         save_file_state(model, tmp, model_state)
-        torch.save({"optimizer": optimizer_state, "rng": rng_state(), **extra}, tmp / "trainer.pt")
+        try:
+            torch.save({"optimizer": optimizer_state, "rng": rng_state(), **extra}, tmp / "trainer.pt")
+        except RuntimeError as e:  # torch reports a failed write (a full disk) as "enforce fail at inline_container"
+            if "PytorchStreamWriter" not in str(e) and "inline_container" not in str(e):
+                raise
+            full = shutil.disk_usage(tmp).free < (64 << 20)
+            raise OSError(errno.ENOSPC if full else errno.EIO, "could not write the checkpoint",
+                          str(tmp / "trainer.pt")) from None
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     for old in checkpoints(folder)[:-keep] if keep > 0 else []:

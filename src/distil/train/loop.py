@@ -63,6 +63,7 @@ class TrainResult:
     tokenizer: object
     history: list[dict] = field(default_factory=list)  # one record per optimizer step
     val: dict = field(default_factory=dict)  # the final validation metrics
+    val_start: dict = field(default_factory=dict)  # validation before the first step (empty when resumed)
     tokens_per_second: float = 0.0
     seconds: float = 0.0
 
@@ -172,6 +173,7 @@ class Setup:
     step: int = 0
     tokens: int = 0
     history: list[dict] = field(default_factory=list)  # one record per optimizer step
+    val_start: dict = field(default_factory=dict)
 
     def restore(self, path) -> dict:
         """Roll student, optimizer, data position and progress back to a checkpoint."""
@@ -266,6 +268,8 @@ def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     val: dict = {}
     session_start, session_tokens = time.perf_counter(), 0
+    if s.step == 0 and t.val_every and (main or s.plan.gathers):  # where the run starts, for the report
+        s.val_start = _validate(s, {})
     bar = tqdm(total=t.steps, initial=s.step, desc=desc, disable=not (t.progress and main), dynamic_ncols=True)
     while s.step < t.steps:
         lr = t.lr * s.guard.lr_scale * lr_multiplier(s.step, total_steps=t.steps, warmup_steps=t.warmup_steps,
@@ -353,7 +357,7 @@ def _finish(s: Setup, val: dict, session_start: float, session_tokens: int) -> T
             for name in ("mc_acc", "mc_acc_norm"):
                 run.log(step=cfg.train.steps, tokens=s.tokens, split="val", name=name, value=val[name])
     seconds = time.perf_counter() - session_start
-    result = TrainResult(student=whole, tokenizer=s.tokenizer, history=s.history, val=val,
+    result = TrainResult(student=whole, tokenizer=s.tokenizer, history=s.history, val=val, val_start=s.val_start,
                          tokens_per_second=session_tokens / seconds if seconds > 0 else 0.0, seconds=seconds)
     if run is not None:
         s.checkpoint(cfg.train.steps)
