@@ -24,6 +24,7 @@ from distil import __version__
 from distil.config import HybridConfig, choices_of, default_of
 from distil.data.topk_codec import DEFAULT_ENCODING, ENCODINGS
 from distil.errors import DistilError
+from distil.runtime import set_threads
 
 log = logging.getLogger("distil")
 
@@ -273,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="distil: %(message)s", stream=sys.stderr)
     if not debug:
-        for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3", "matplotlib"):
+        for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3", "matplotlib", "datasets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    for own_handler in ("transformers", "huggingface_hub", "datasets"):  # they print themselves: not twice
+        logging.getLogger(own_handler).propagate = False
 
 
 def os_error_message(e: OSError) -> str:
@@ -290,8 +293,8 @@ def os_error_message(e: OSError) -> str:
         return f"{where} is a folder; give a file"
     if e.errno == errno.ENOSPC:
         return f"no space left on the device writing {where}; free some space (or write elsewhere) and run again"
-    if e.errno == errno.EEXIST:
-        return f"{where} already exists; pass --overwrite to replace it"
+    if e.errno == errno.EEXIST or (isinstance(e, FileExistsError) and e.args):
+        return f"{e.filename or e.args[-1]} already exists; pass --overwrite to replace it"
     if e.errno == errno.ENOENT:
         return f"{where} does not exist"
     return f"{where}: {e.strerror or e}"
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(2)
     try:
+        set_threads()  # $DISTIL_NUM_THREADS, for every command
         COMMANDS[args.command](args)
     except DistilError as e:
         if debug:
@@ -351,7 +355,10 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from distil.eval.runner import run_eval
+    from distil.fsutil import first_missing
 
+    if args.out:
+        first_missing(Path(args.out).parent)  # a file in the way is an error now, before the evaluation runs
     result = run_eval(args.model, data=args.data, mc=args.mc, lm_eval=args.lm_eval, teacher=args.teacher,
                       tokenizer=args.tokenizer, text_field=args.text_field, seq_len=args.seq_len,
                       batch_size=args.batch_size, num_fewshot=args.num_fewshot, lm_eval_include=args.lm_eval_include,
@@ -371,6 +378,9 @@ def cmd_export(args) -> None:
 
     model = load(args.path)
     tokenizer = load_tokenizer(args.path) if has_tokenizer(args.path) else None
+    if tokenizer is None:
+        log.warning("%s has no tokenizer, so the export will have none either (a checkpoints/step_* folder: export "
+                    "checkpoints/final, or copy the run's tokenizer/ files in)", args.path)
     arch = export_hf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     log.info("exported %s to %s (%s, loads with transformers.AutoModelForCausalLM)", args.path, args.out, arch)
 
@@ -438,10 +448,10 @@ def cmd_generate(args) -> None:
 
     if not args.prompt.strip():
         raise DistilError("--prompt is empty: give some text to continue")
+    model = load(args.model)
     if not has_tokenizer(args.model):
         raise DistilError(f"no tokenizer in {args.model}")
     torch.manual_seed(args.seed)
-    model = load(args.model)
     text = generate_text(model, load_tokenizer(args.model), args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k)
     print(args.prompt + text)

@@ -73,6 +73,7 @@ class TeacherConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     cache: str | None = None  # cache: a folder written by `distil cache-teacher` or `distil import-logprobs`
     # api: the endpoint is the `api` section
+    allow_tokenizer_mismatch: bool = False  # train although the teacher's (or student's) tokenizer is not the data's
 
     def __post_init__(self):
         _check_literals(self)
@@ -221,6 +222,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 50  # 0 disables periodic validation
     progress: bool = True
+    threads: int | None = None  # torch threads (null: $DISTIL_NUM_THREADS, else one per core)
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
@@ -233,7 +235,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_literals(self)
-        for name in ("steps", "batch_size", "grad_accum", "lr", "log_every", "spike_patience", "spike_window"):
+        for name in ("steps", "batch_size", "grad_accum", "lr", "log_every", "spike_patience", "spike_window",
+                     "threads"):
             _check_positive("train", name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "val_every", "checkpoint_every", "spike_factor",
                      "keep_checkpoints"):

@@ -11,6 +11,7 @@ Caches (token files, API answers, converted GGUFs) live under ``cache_dir()``:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -60,11 +61,39 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_parents(path: Path) -> Path | None:
+    """``mkdir -p`` of ``path``'s parent; a file in the way is a NotADirectoryError naming it.
+    Returns the top-most folder this created (None if the parent existed), for a caller that
+    wants to leave nothing behind."""
+    missing = []
+    for ancestor in path.parents:
+        if ancestor.is_dir():
+            break
+        if ancestor.exists():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(ancestor))
+        missing.append(ancestor)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def first_missing(path: Path) -> Path | None:
+    """The top-most folder of ``path`` (itself included) that does not exist yet; a file in the way
+    is a NotADirectoryError naming it."""
+    top = None
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return top
+        if candidate.exists():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(candidate))
+        top = candidate
+    return top
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
@@ -99,16 +128,19 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise FileExistsError(errno.EEXIST, "already exists", str(path))
+    make_parents(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file():
+                os.chmod(child, FILE_MODE)  # some writers (safetensors) make their files 0600
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+            elif child.is_dir():
+                os.chmod(child, DIR_MODE)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

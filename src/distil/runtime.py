@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from distil.errors import DistilError
+
 log = logging.getLogger("distil")
 
 _M_TRIM_THRESHOLD = -1
@@ -38,3 +40,21 @@ def tune_allocator() -> bool:
         return False
     _applied = ok
     return ok
+
+
+def set_threads(threads: int | None = None) -> int | None:
+    """Torch's intra-op threads: ``threads`` (``train.threads``), else ``$DISTIL_NUM_THREADS``, else
+    torch's default (one per core). On a shared machine fewer threads than cores can be much faster:
+    a 2-thread run on 2 busy cores spends its time waiting for the slower thread (docs/training.md)."""
+    if threads is None:
+        raw = os.environ.get("DISTIL_NUM_THREADS", "").strip()
+        if not raw:
+            return None
+        if not raw.isdigit() or int(raw) < 1:
+            raise DistilError(f"DISTIL_NUM_THREADS = {raw!r} should be a whole number >= 1")
+        threads = int(raw)
+    import torch
+
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d", threads)
+    return threads

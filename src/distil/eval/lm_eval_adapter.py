@@ -102,6 +102,12 @@ def run_lm_eval(model_path: str, tasks: list[str], *, num_fewshot: int | None = 
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise DistilError(f"lm-eval does not know the task(s) {', '.join(unknown)}")
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, task_manager=manager, limit=limit,
-                                  batch_size=batch_size)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, task_manager=manager,
+                                      limit=limit, batch_size=batch_size)
+    except (OSError, ConnectionError) as e:  # requests' and huggingface_hub's network errors are OSErrors
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise DistilError(f"lm-eval could not fetch the data of {', '.join(tasks)} ({type(e).__name__}); offline, "
+                          "point --lm-eval-include at a folder of task YAMLs whose data is on disk") from None
     return out["results"]

@@ -30,6 +30,8 @@ def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Pat
     (comma-separated); with ``run`` the numbers are appended to that run's metrics."""
     if not data and not mc and not lm_eval:
         raise DistilError("nothing to evaluate: give --data (loss/perplexity), --mc (multiple choice) or --lm-eval TASKS")
+    if run and not Path(run).is_dir():  # checked before the work, so none of it is lost
+        raise DistilError(f"run folder not found: {run}")
     lm = load(model).eval()
     tokenizer_path = tokenizer or model
     if not has_tokenizer(tokenizer_path):
@@ -54,8 +56,6 @@ def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Pat
                              for task, metrics in raw.items()}
     if run:
         folder = RunDir(run)
-        if not folder.path.is_dir():
-            raise DistilError(f"run folder not found: {run}")
         for group in ("lm", "multiple_choice"):
             for name, value in result.get(group, {}).items():
                 if isinstance(value, (int, float)):

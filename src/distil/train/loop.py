@@ -43,6 +43,7 @@ from distil.models.io import save_native
 from distil.models.loading import load
 from distil.models.transformer import ModelConfig, TransformerLM
 from distil.run_dir import RunDir
+from distil.runtime import set_threads
 from distil.spec import shared_vocab
 from distil.teachers import CacheTeacher, Teacher, build_teacher, load_teacher
 from distil.train.batches import BatchSource, build_batches
@@ -137,9 +138,28 @@ def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=N
             docs = split_corpus(cfg.data)
             log.info("training a %d-token byte-level BPE on the training documents", cfg.data.vocab_size)
             tokenizer = train_bpe_tokenizer(docs[0], cfg.data.vocab_size, run.path / "tokenizer" if run else None)
+    if not cfg.teacher.allow_tokenizer_mismatch:
+        if cfg.teacher.source == "model" and cfg.teacher.path and has_tokenizer(cfg.teacher.path):
+            check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher.path), f"the teacher's ({cfg.teacher.path})")
+        if cfg.student.path and has_tokenizer(cfg.student.path):
+            check_same_tokenizer(tokenizer, load_tokenizer(cfg.student.path), f"the student's ({cfg.student.path})")
     if data is None:
         data = build_data(cfg.data, tokenizer, docs=docs, need_val=need_val)
     return teacher, tokenizer, data
+
+
+def check_same_tokenizer(tokenizer, other, whose: str) -> None:
+    """The training tokenizer must be the one a model was trained with: same vocabulary (hash) and
+    special tokens. Otherwise the model would read another tokenizer's ids, silently."""
+    if tokenizer_hash(tokenizer) == tokenizer_hash(other) and tokenizer.all_special_tokens == other.all_special_tokens:
+        return
+
+    def describe(t):
+        return f"{len(t)} tokens, hash {tokenizer_hash(t)[:8]}, specials {t.all_special_tokens}"
+
+    raise DistilError(f"{whose} tokenizer ({describe(other)}) is not the data's ({describe(tokenizer)}); a model fed "
+                      "another tokenizer's ids learns or teaches nonsense. Use its tokenizer (unset data.tokenizer), "
+                      "or set teacher.allow_tokenizer_mismatch: true if you mean it")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -200,6 +220,7 @@ def setup(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
     """Teacher, batches, loss and parallel plan from the config (or passed in), the student and
     optimizer, and the latest checkpoint of ``run`` restored (unless ``resume=False``)."""
     info = init_distributed(cfg.train.device)
+    set_threads(cfg.train.threads)
     plan = ParallelPlan(cfg, info)
     model_teacher, tokenizer, data = prepare(cfg, run, teacher=teacher, tokenizer=tokenizer, data=data, info=info)
     teacher = build_teacher(cfg, tokenizer, data, info.device, model_teacher=model_teacher)
@@ -208,6 +229,9 @@ def setup(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
     if student is None:
         student = load(cfg.student.path) if cfg.student.path else TransformerLM(
             student_model_config(cfg, teacher_vocab or len(tokenizer), tokenizer))
+    if student.config.max_seq_len < cfg.data.seq_len:
+        raise DistilError(f"data.seq_len = {cfg.data.seq_len} is longer than the student's max_seq_len "
+                          f"({student.config.max_seq_len}, {cfg.student.path or 'the given student'})")
     if cfg.student.train_only_ssm:
         if not student.config.is_hybrid:
             raise DistilError("student.train_only_ssm is set but the student has no SSM layers")

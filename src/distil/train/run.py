@@ -21,6 +21,7 @@ import yaml
 
 from distil.config import Config, config_to_yaml
 from distil.errors import DistilError
+from distil.fsutil import first_missing
 from distil.run_dir import RunDir, RunLock, remove_stale_temps, run_state
 from distil.train.distributed import barrier, init_distributed
 from distil.train.loop import TrainResult, train
@@ -87,6 +88,7 @@ def run_training(cfg: Config, run_dir: str | Path | None = None, *, overwrite: b
     lock.check()
     state = run_state(run_path)
     barrier(info)  # every rank has read the folder before rank 0 changes it
+    created = None
     if state == "complete" and not overwrite:
         return _finished(run_path, cfg, info)
     can_resume = not overwrite and (state == "resumable" or (staged and run_path.is_dir() and has_stages(run_path)))
@@ -98,6 +100,7 @@ def run_training(cfg: Config, run_dir: str | Path | None = None, *, overwrite: b
         if state == "foreign" and not overwrite:
             raise DistilError(f"run folder {run_path} already exists and is not a distil run; choose another "
                               "--run-dir or name, or pass --overwrite (or --set output.overwrite=true) to replace it")
+        created = first_missing(run_path)  # what to remove if the run stops before its first checkpoint
         run = RunDir.create(run_path, overwrite=overwrite or state == "unstarted", resume=can_resume)
         lock.acquire()
         if can_resume:
@@ -124,7 +127,8 @@ def run_training(cfg: Config, run_dir: str | Path | None = None, *, overwrite: b
         lock.release()
         if info.is_main and not can_resume and run_state(run.path) == "unstarted" and not (
                 staged and has_stages(run.path)):
-            shutil.rmtree(run.path, ignore_errors=True)  # stopped before its first checkpoint: leave nothing behind
+            # stopped before its first checkpoint: leave nothing behind (not even the parents it made)
+            shutil.rmtree(created or run.path, ignore_errors=True)
         raise
     try:
         return _complete(run, cfg, info, staged, records if staged else None, None if staged else result)
