@@ -73,3 +73,28 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     # A rendered page with a table and plots is far from blank: many distinct grey levels.
     assert len(set(image.getdata())) > 20
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["complete"]
+
+
+def test_report_notes_mixed_objectives_tokenizers_and_an_unused_baseline(tmp_path, caplog):
+    import yaml
+
+    from distil.report import write_comparison_report
+
+    for name, loss, vocab in (("ce", {"kd_weight": 0.0, "ce_weight": 1.0}, "a"),
+                              ("rkl", {"kd_weight": 1.0, "ce_weight": 0.0, "kind": "reverse_kl"}, "b")):
+        run = tmp_path / name
+        (run / "tokenizer").mkdir(parents=True)
+        (run / "tokenizer" / "tokenizer.json").write_text(json.dumps({"vocab": vocab}))
+        (run / "config.yaml").write_text(yaml.safe_dump({"loss": loss}))
+        rows = [{"step": s, "tokens": s, "split": split, "name": "loss", "value": 3.0 - 0.1 * s, "time": 0}
+                for s in range(1, 5) for split in ("train", "val")]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="distil"):
+        report = write_comparison_report([str(tmp_path / "ce"), str(tmp_path / "rkl")], tmp_path / "out",
+                                         baselines={"GPT-2": 0.29})
+    text = report.read_text()
+    assert "different objectives (CE, reverse_kl)" in text and "different tokenizers" in text
+    assert "--baseline GPT-2 not shown" in text
+    assert (tmp_path / "out" / "train_loss_CE.png").is_file() and (tmp_path / "out" / "train_loss_reverse_kl.png").is_file()
+    assert not (tmp_path / "out" / "train_loss.png").exists()  # CE and KL never share an axis
+    assert "different objectives" in caplog.text

@@ -7,12 +7,15 @@ The plotting and table helpers live in distil.charts (re-exported here).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from distil.charts import format_params, markdown_table, plot_curves, smooth
 from distil.errors import DistilError
 from distil.fsutil import atomic_write_text
 from distil.run_dir import read_metrics
+
+log = logging.getLogger("distil")
 
 __all__ = ["format_params", "markdown_table", "plot_curves", "smooth", "read_run_series", "write_comparison_report"]
 
@@ -44,6 +47,7 @@ def read_run_series(path: str | Path) -> dict:
         if (path / "summary.json").is_file():
             summary.update(json.loads((path / "summary.json").read_text()))
         name = path.name
+        objective, tokenizer = _objective(path), _tokenizer_id(path)
     elif path.is_file():
         for line_no, line in enumerate(path.read_text().splitlines(), 1):
             parts = line.split()
@@ -56,9 +60,37 @@ def read_run_series(path: str | Path) -> dict:
             except ValueError as e:
                 raise DistilError(f"{path}:{line_no}: index and value must be numbers: {line!r}") from e
         name = path.stem
+        objective = tokenizer = None
     else:
         raise DistilError(f"run not found: {path}")
-    return {"name": name, "series": {k: sorted(v) for k, v in series.items()}, "summary": summary}
+    return {"name": name, "series": {k: sorted(v) for k, v in series.items()}, "summary": summary,
+            "objective": objective, "tokenizer": tokenizer}
+
+
+def _objective(run: Path) -> str | None:
+    """What a run's training loss measures, from its config.yaml: "CE", "forward_kl", "0.5 CE + reverse_kl"."""
+    import yaml
+
+    try:
+        loss = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("loss", {})
+    except (OSError, yaml.YAMLError):
+        return None
+    parts = []
+    if loss.get("ce_weight"):
+        parts.append("CE" if loss["ce_weight"] == 1 else f"{loss['ce_weight']:g} CE")
+    if loss.get("kd_weight"):
+        parts.append(loss.get("kind", "forward_kl") if loss["kd_weight"] == 1 else f"{loss['kd_weight']:g} {loss['kind']}")
+    return " + ".join(parts) or None
+
+
+def _tokenizer_id(run: Path) -> str | None:
+    """A hash of the tokenizer the run saved (tokenizer/ or checkpoints/final/), or None."""
+    import hashlib
+
+    for folder in (run / "checkpoints" / "final", run / "tokenizer"):
+        if (folder / "tokenizer.json").is_file():
+            return hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()[:12]
+    return None
 
 
 def _summary_row(run: dict) -> list:
@@ -93,9 +125,9 @@ def write_comparison_report(runs: list[str], out: str | Path, *, chance: float |
     loaded = [read_run_series(r) for r in runs]
     plots = []
 
-    def plot(key_filter, filename, title, ylabel, *, logy=False, refs=None):
+    def plot(key_filter, filename, title, ylabel, *, logy=False, refs=None, runs=None):
         series = {}
-        for run in loaded:
+        for run in loaded if runs is None else runs:
             for key, points in run["series"].items():
                 if key_filter(key):
                     label = run["name"] if key in ("train", "val") else f"{run['name']} {key}"
@@ -106,8 +138,24 @@ def write_comparison_report(runs: list[str], out: str | Path, *, chance: float |
                         markers=not key_filter("train"))
             plots.append((title, filename))
 
-    plot(lambda k: k == "train", "train_loss.png", "Training loss", "loss")
-    plot(lambda k: k == "train", "train_loss_log.png", "Training loss (log scale)", "loss", logy=True)
+    notes = []
+    objectives = {r["objective"] for r in loaded if r["objective"]}
+    if len(objectives) > 1:
+        # CE and a KL divergence are different quantities: one axis per objective.
+        for objective in sorted(objectives):
+            members = {r["name"] for r in loaded if r["objective"] == objective}
+            safe = "".join(c if c.isalnum() else "_" for c in objective)
+            plot(lambda k: k == "train", f"train_loss_{safe}.png", f"Training loss: {objective}", objective,
+                 runs=[r for r in loaded if r["name"] in members])
+        notes.append(f"The runs trained on different objectives ({', '.join(sorted(objectives))}): their training "
+                     "losses are plotted on separate axes; compare them on the held-out loss.")
+    else:
+        plot(lambda k: k == "train", "train_loss.png", "Training loss", "loss")
+        plot(lambda k: k == "train", "train_loss_log.png", "Training loss (log scale)", "loss", logy=True)
+    tokenizers = {r["tokenizer"] for r in loaded if r["tokenizer"]}
+    if len(tokenizers) > 1:
+        notes.append("The runs use different tokenizers: held-out losses and perplexities are per token of "
+                     "different vocabularies and are not directly comparable.")
     plot(lambda k: k == "val", "val_loss.png", "Validation loss", "loss")
     plot(lambda k: k == "val", "val_loss_log.png", "Validation loss (log scale)", "loss", logy=True)
     refs = {}
@@ -116,12 +164,18 @@ def write_comparison_report(runs: list[str], out: str | Path, *, chance: float |
     for name, value in (baselines or {}).items():
         refs[f"{name} ({value:g})"] = value
     eval_keys = lambda k: k in ("hella", "eval/acc", "eval/acc_norm") or k.startswith(("val/mc_", "mc"))  # noqa: E731
+    plotted = len(plots)
     plot(eval_keys, "eval_accuracy.png", "Evaluation accuracy over steps", "accuracy", refs=refs)
+    if baselines and len(plots) == plotted:
+        notes.append(f"--baseline {', '.join(baselines)} not shown: none of the runs has an accuracy metric to "
+                     "compare it with.")
     plot(lambda k: k in ("val/kl_to_teacher",), "kl_to_teacher.png", "KL to the teacher (held out)", "KL")
 
     header = ["run", "final val loss", "ppl", "acc", "acc_norm", "KL to teacher", "tokens/s", "params"]
     rows = [_summary_row(r) for r in loaded]
-    md = ["# Run comparison", "", markdown_table(header, rows), ""]
+    for note in notes:
+        log.warning("%s", note)
+    md = ["# Run comparison", "", markdown_table(header, rows), ""] + [f"**Note:** {n}" for n in notes] + [""]
     md += [f"![{title}]({filename})" for title, filename in plots]
     md += ["", f"Runs: {', '.join(str(r) for r in runs)}.", ""]
     atomic_write_text_path(out / "report.md", "\n".join(md))
@@ -137,7 +191,7 @@ def write_comparison_report(runs: list[str], out: str | Path, *, chance: float |
 <style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}
 img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head>
-<body><h1>Run comparison</h1>{table}{figures}</body></html>
+<body><h1>Run comparison</h1>{table}{"".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in notes)}{figures}</body></html>
 """
     atomic_write_text_path(out / "report.html", page)
     return out / "report.md"
