@@ -389,6 +389,10 @@ def test_damaged_caches_are_clear_errors(world, tmp_path):
     with pytest.raises(DistilError, match="CRC32"):
         for i in range(40):
             cache.get(i)
+    # Read by DataLoader workers, the same error comes back as its own one line, not a worker traceback.
+    with pytest.raises(DistilError) as e:
+        train(cfg(teacher={"source": "cache", "cache": str(flipped)}, data={"num_workers": 2}, train={"steps": 40}))
+    assert "CRC32" in str(e.value) and "\n" not in str(e.value) and "Traceback" not in str(e.value)
 
     missing = _copy(src, tmp_path / "missing")
     (missing / "shard-00002.bin").unlink()
