@@ -103,13 +103,11 @@ def test_train_distils_end_to_end_and_eval_export(tmp_path, tiny_tokenizer, tiny
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "val"} <= {r["split"] for r in records}
     assert any(r["name"] == "kl_to_teacher" for r in records)
-    # The same command again finds the finished run's checkpoint and resumes it: nothing is retrained
-    # and nothing already written is lost.
-    before = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    # The same command again finds the finished run: nothing to do, nothing retrained, nothing rewritten.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     again = distil(*args)
-    assert again.returncode == 0 and "resuming from" in again.stderr
-    after = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
-    assert after == before
+    assert again.returncode == 0 and "already complete" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
     mc = tmp_path / "mc.jsonl"
     mc.write_text(json.dumps({"context": "The model learns", "choices": [" to predict", " banana", " x", " y"], "label": 0}) + "\n")

@@ -249,7 +249,7 @@ def test_vocab_parallel_head_under_torchrun_trains_like_one_process(tmp_path, ti
     # Resume: 6 more steps from the TP checkpoint at step 6 equal 12 uninterrupted single-process steps.
     out = _train(cfg, tmp_path / "single12", *sets, "--set", "train.steps=12")
     assert out.returncode == 0, out.stderr[-3000:]
-    out = torchrun(double, "--set", "train.steps=12")
+    out = torchrun(double, "--set", "train.steps=12", "--resume")  # --resume: continue the finished run
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = _losses(tmp_path / "single12"), _losses(double)
     assert sorted(b) == list(range(1, 13))

@@ -61,6 +61,8 @@ def test_rerunning_a_finished_run_does_nothing_and_a_changed_config_is_refused(c
     with pytest.raises(DistilError, match=r"finished run .*train\.steps: 4 -> 6"):
         run_training(changed, run)
     assert _listing(run) == before
+    more = run_training(changed, run, resume=True)  # --resume: continue the finished run to 6 steps
+    assert [h["step"] for h in more.result.history] == [1, 2, 3, 4, 5, 6] and run_state(run) == "complete"
     assert run_training(changed, run, overwrite=True).result.history[-1]["step"] == 6
 
 
@@ -168,3 +170,39 @@ def test_distil_num_threads_is_checked_and_applied(monkeypatch, capsys):
         assert torch.get_num_threads() == 1 and "1 torch threads" in capsys.readouterr().out
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_damaged_token_cache_is_rebuilt_not_a_traceback(corpus, tiny_tokenizer, caplog):
+    from distil.data.dataset import _cache_dir, build_data
+
+    cfg = config_from_dict(_cfg(corpus)).data
+    import numpy as np
+
+    first = np.array(build_data(cfg, tiny_tokenizer).train_windows)  # a copy: the cache's files are memory-mapped
+    cache = _cache_dir(cfg, tiny_tokenizer)
+    tokens = cache / "train_tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-64])  # truncated: np.load's mmap fails
+    with caplog.at_level("WARNING", logger="distil"):
+        again = build_data(cfg, tiny_tokenizer)
+    assert "damaged" in caplog.text
+    assert (np.asarray(again.train_windows) == first).all()
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_as_such(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from distil.cli import os_error_message
+    from distil.train import checkpoint
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 0))
+    model = TransformerLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2))
+    with pytest.raises(OSError) as e:
+        checkpoint.save_checkpoint(tmp_path / "ckpts", 1, model, {}, extra={})
+    assert e.value.errno == errno.ENOSPC
+    assert os_error_message(e.value).startswith("no space left on the device writing")
+    assert not list((tmp_path / "ckpts").glob("*"))  # the half-written checkpoint is gone

@@ -35,7 +35,7 @@ from distil.models.generate import generate
 from distil.models.io import save_native
 from distil.run_dir import RunDir
 from distil.teachers import MemoTeacher, Teacher
-from distil.train.loop import train
+from distil.train.run import run_training
 
 log = logging.getLogger("distil")
 
@@ -144,7 +144,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: b
     teacher_cfg = _config(settings, settings.teacher, steps=settings.teacher_steps, lr=settings.teacher_lr,
                           loss={"kd_weight": 0.0, "ce_weight": 1.0}, teacher=False, seed=1)
     teacher_cfg.train.progress = progress
-    teacher_result = train(teacher_cfg, tokenizer=tokenizer, data=data, desc="teacher")
+    teacher_result = _train(run, "teacher", teacher_cfg, tokenizer=tokenizer, data=data)
     teacher = MemoTeacher(teacher_result.student)
     save_native(teacher.model, run.checkpoints / "teacher", tokenizer=tokenizer)
     evaluate("teacher", "teacher", teacher.model, None, teacher_result)
@@ -154,7 +154,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: b
         cfg = _config(settings, settings.student, steps=settings.student_steps, lr=settings.student_lr, loss=loss,
                       teacher=loss["kd_weight"] > 0, seed=2)  # same seed: same init and same batches for all three
         cfg.train.progress = progress
-        result = train(cfg, tokenizer=tokenizer, data=data, teacher=teacher if loss["kd_weight"] > 0 else None, desc=name)
+        result = _train(run, name, cfg, tokenizer=tokenizer, data=data, teacher=teacher if loss["kd_weight"] > 0 else None)
         save_native(result.student, run.checkpoints / name, tokenizer=tokenizer)
         evaluate(name, label, result.student, teacher, result)
 
@@ -167,6 +167,12 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overwrite: b
 
 
 DECODE_REPEATS = 5
+
+
+def _train(run: RunDir, name: str, cfg, **prepared):
+    """One model of the demo, trained in its own run folder ``runs/demo/runs/<name>/`` (config,
+    every step's metrics, report, final checkpoint) through the same ``run_training`` as ``distil train``."""
+    return run_training(cfg, run.path / "runs" / name, overwrite=True, desc=name, **prepared).result
 
 
 def decode_speed(model, *, context: int, new_tokens: int, vocab: int, repeats: int = DECODE_REPEATS) -> list[float]:
@@ -219,7 +225,7 @@ def run_hybrid_demo(run: RunDir, settings: DemoSettings, teacher: Teacher, token
         cfg.train.progress = False
         say(f"hybrid ({init} init): KL to teacher {before['kl_to_teacher']:.3f} before; distilling {settings.hybrid_steps} "
             "steps with reverse KL")
-        result = train(cfg, tokenizer=tokenizer, data=data, teacher=teacher, student=hybrid, desc=f"hybrid-{init}")
+        result = _train(run, f"hybrid-{init}", cfg, tokenizer=tokenizer, data=data, teacher=teacher, student=hybrid)
         after = evaluate_lm(result.student, data.val_windows, batch_size=settings.batch_size, teacher=teacher,
                             max_batches=settings.val_batches)  # the same held-out batches as "before"
         speed = decode_speed(result.student, context=settings.decode_context, new_tokens=settings.decode_tokens, vocab=vocab)
@@ -342,7 +348,9 @@ true next passage among 4, scored by summed log-likelihood (acc) and per-byte lo
 
 {hybrid_section(hybrids, settings) if hybrids else ""}
 Raw numbers: `results.json` (the table), `histories.json` (every model's per-step training loss and
-validation), `metrics.jsonl` (the final numbers as metric rows) and `summary.json`.
+validation), `runs/<model>/` (each model's own run folder: config, every logged step in
+`metrics.jsonl`, report, final checkpoint), `metrics.jsonl` here (the final numbers as metric rows)
+and `summary.json`.
 """
     run.write_text("report.md", text)
     run.write_text("results.json", json.dumps(results, indent=2))

@@ -43,7 +43,7 @@ from distil.models.io import save_native
 from distil.run_dir import RunDir
 from distil.teachers import MemoTeacher, ModelTeacher
 from distil.train.cache_teacher import write_cache
-from distil.train.loop import train
+from distil.train.run import run_training
 
 
 @dataclass
@@ -141,7 +141,8 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
         cfg = _config(settings, teacher_path, corpus, cache if loss["kd_weight"] else None, loss=loss,
                       steps=settings.student_steps, lr=settings.student_lr, batch_size=settings.batch_size, seed=2)
         say(f"training the {label} student {settings.student} for {settings.student_steps} steps")
-        result = train(cfg, tokenizer=tokenizer, data=data, teacher=None, desc=name)
+        result = run_training(cfg, run.path / "runs" / name, overwrite=True, tokenizer=tokenizer, data=data,
+                              desc=name).result
         save_native(result.student, run.checkpoints / name, tokenizer=tokenizer)
         results[name] = evaluate(name, label, result.student, result)
         histories[name] = result.history
@@ -191,7 +192,8 @@ def _hybrids(run, settings, teacher, tokenizer, data, config, evaluate, say) -> 
         cfg = config(loss={"kind": "reverse_kl", "kd_weight": 1.0, "ce_weight": 0.0}, steps=settings.hybrid_steps,
                      lr=settings.hybrid_lr, batch_size=settings.hybrid_batch_size, seed=3)
         say(f"hybrid ({init} init): KL to the teacher {kl_before:.3f} as converted; {settings.hybrid_steps} reverse-KL steps")
-        result = train(cfg, tokenizer=tokenizer, data=data, student=hybrid, desc=f"hybrid-{init}")
+        result = run_training(cfg, run.path / "runs" / f"hybrid-{init}", overwrite=True, tokenizer=tokenizer, data=data,
+                              student=hybrid, desc=f"hybrid-{init}").result
         save_native(result.student, run.checkpoints / f"hybrid_{init}", tokenizer=tokenizer)
         out[init] = {"kl_before": kl_before, **evaluate(f"hybrid_{init}", f"50% hybrid, {init} init", result.student, result)}
     return out
@@ -238,7 +240,8 @@ Hybrids: layers {hybrids['ssm_layers']} of the teacher became Mamba2 (state 16),
 
 ![held-out loss of the students](plots/val_loss.png)
 
-Raw numbers: `results.json`, `summary.json` and `metrics.jsonl` in this folder.
+Raw numbers: `results.json`, `summary.json` and `metrics.jsonl` in this folder; each trained model's
+run folder (config, every logged step, report, final checkpoint) in `runs/<model>/`.
 """
     run.write_text("report.md", text)
     run.write_text("results.json", json.dumps({"results": results, "hybrids": hybrids}, indent=2))

@@ -67,12 +67,15 @@ def _saved_differences(run_path: Path, cfg: Config) -> list[str]:
     return config_differences(before, cfg.to_dict())
 
 
-def run_training(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False,
-                 resume: bool = False) -> RunOutcome:
-    """Train ``cfg`` into ``run_dir`` (default ``output.run_dir/output.name``).
+def run_training(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
+                 **prepared) -> RunOutcome:
+    """Train ``cfg`` into ``run_dir`` (default ``output.run_dir/output.name``). ``prepared`` objects
+    (``teacher``, ``tokenizer``, ``data``, ``student``, ``desc``) go to ``train()`` instead of being
+    built from the config: the demos train several models on one prepared dataset this way.
 
     * a finished run (summary.json) is left alone: the same config is "nothing to do" (no error),
-      another config is an error listing the differing keys, unless ``overwrite``;
+      another config is an error listing the differing keys, unless ``overwrite`` (train again) or
+      ``resume`` (continue from its last checkpoint, e.g. with more steps);
     * a folder with a checkpoint resumes from it (``resume=True`` insists on one);
     * a run folder killed before its first checkpoint starts again from scratch;
     * another folder is refused unless ``overwrite``;
@@ -90,10 +93,14 @@ def run_training(cfg: Config, run_dir: str | Path | None = None, *, overwrite: b
     barrier(info)  # every rank has read the folder before rank 0 changes it
     created = None
     if state == "complete" and not overwrite:
-        return _finished(run_path, cfg, info)
+        if not resume:
+            return _finished(run_path, cfg, info)
+        state = "resumable"  # --resume on a finished run: continue from its last checkpoint (e.g. more steps)
     can_resume = not overwrite and (state == "resumable" or (staged and run_path.is_dir() and has_stages(run_path)))
     if resume and not can_resume:
         raise DistilError(f"--resume: {run_path} has no checkpoint to resume from")
+    if staged and prepared:
+        raise DistilError("a staged run (hybrid.stages) builds its models from the config; pass no prepared objects")
     if info.is_main:
         if state == "unstarted" and not can_resume:
             log.info("%s has no checkpoint (stopped before its first one): starting it again", run_path)
@@ -121,7 +128,7 @@ def run_training(cfg: Config, run_dir: str | Path | None = None, *, overwrite: b
         if staged:
             _, records = train_in_stages(cfg, run)
         else:
-            result = train(cfg, run=run, resume=can_resume)
+            result = train(cfg, run=run, resume=can_resume, **prepared)
     except BaseException:
         run.close()
         lock.release()
@@ -140,7 +147,8 @@ def _finished(run_path: Path, cfg: Config, info) -> RunOutcome:
     """A rerun of a finished run: nothing to do, unless the config changed (then an error)."""
     if differences := _saved_differences(run_path, cfg):
         raise DistilError(f"{run_path} is a finished run made with another config ({'; '.join(differences[:6])}); "
-                          "pass --overwrite to train it again, or choose another --run-dir")
+                          "pass --resume to continue it with this config, --overwrite to train it again, or choose "
+                          "another --run-dir")
     if info.is_main:
         log.info("%s is already complete (summary.json): nothing to do; pass --overwrite to train it again",
                  run_path)
