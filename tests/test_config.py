@@ -118,7 +118,7 @@ def test_docs_mention_every_config_field():
     for section in dataclasses.fields(Config):
         assert f"## {section.name}" in text, section.name
     for cls in (c.TeacherConfig, c.ApiConfig, c.StudentConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.EvalConfig,
-                c.HybridConfig, c.OutputConfig):
+                c.HybridConfig, c.OutputConfig, c.AlignConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in text, f"{cls.__name__}.{f.name} is not documented in docs/config.md"
     for preset in PRESETS:
@@ -133,7 +133,7 @@ def test_every_choice_is_a_literal_checked_in_one_place():
     from distil import config as c
 
     literal = 0
-    for cls in (c.TeacherConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.HybridConfig):
+    for cls in (c.TeacherConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.HybridConfig, c.AlignConfig):
         for name, tp in typing.get_type_hints(cls).items():
             if typing.get_origin(tp) is typing.Literal:
                 literal += 1

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from distil import __version__
-from distil.config import HybridConfig, choices_of, default_of
+from distil.config import AlignConfig, HybridConfig, choices_of, default_of
 from distil.data.topk_codec import DEFAULT_ENCODING, ENCODINGS
 from distil.errors import DistilError
 from distil.runtime import set_threads
@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="text/JSONL to score layers and calibrate MIL on (default: the embedded corpus)")
     p.add_argument("--samples", type=at_least(1), default=16, help="sequences used to score layers and calibrate (default: 16)")
     p.add_argument("--seq-len", type=int, default=256, help="length of those sequences (default: 256)")
+    p.add_argument("--align-steps", type=at_least(0), default=0,
+                   help="stage 2: train each new mixer alone this many steps to reproduce the attention output it "
+                   "replaces, on the --data text (default: 0, off)")
+    p.add_argument("--align-lr", type=positive_float, default=default_of(AlignConfig, "lr"),
+                   help="alignment learning rate (default: %(default)s)")
+    p.add_argument("--align-loss", default=default_of(AlignConfig, "loss"), choices=choices_of(AlignConfig, "loss"),
+                   help="nmse (default): MSE / the target's mean square; mse; cosine")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     _add_common(p)
 
@@ -399,7 +406,7 @@ def cmd_hybridize(args) -> None:
         raise DistilError(f"{args.out} already exists; pass --overwrite to replace it")
     model = load(args.model).eval()
     tokenizer = load_tokenizer(args.model) if has_tokenizer(args.model) else None
-    needs_data = args.init == "mil" or (not args.layers and args.placement in ("uniform", "importance"))
+    needs_data = args.init == "mil" or args.align_steps or (not args.layers and args.placement in ("uniform", "importance"))
     data = _scoring_tokens(args, tokenizer) if needs_data else None
     if args.layers:
         try:
@@ -413,8 +420,11 @@ def cmd_hybridize(args) -> None:
     with torch.no_grad():
         hybrid = hybridize(model, selection.ssm_layers, mixer=args.mixer, init=args.init, d_state=args.d_state,
                            expand=args.expand, chunk_size=args.chunk_size, calibration=data)
+    alignment = _align_hybridized(hybrid, model, data, selection.ssm_layers, args) if args.align_steps else None
     save_native(hybrid, args.out, tokenizer=tokenizer, overwrite=True)
     selection.save(Path(args.out) / "layer_scores.json")
+    if alignment:
+        _write_alignment(Path(args.out), alignment)
     log.info("pattern %s (%d SSM layers: %s) saved to %s", hybrid.config.pattern, len(selection.ssm_layers),
              json.dumps(selection.ssm_layers), args.out)
 
@@ -437,6 +447,34 @@ def _scoring_tokens(args, tokenizer):
         docs = load_documents(DataConfig(source="embedded"))[-200:]
     windows, _ = concat_windows(tokenize_documents(tokenizer, docs), args.seq_len)
     return torch.from_numpy(windows[: args.samples, :-1].astype("int64"))
+
+
+def _align_hybridized(hybrid, original, tokens, layers, args) -> dict:
+    from distil.hybrid.align import align_layers
+
+    result = align_layers(hybrid, original, tokens, layers=layers, steps=args.align_steps, lr=args.align_lr,
+                          loss=args.align_loss, progress=True)
+    for layer, losses in result.history.items():
+        log.info("layer %d aligned: %s %.4f -> %.4f", layer, args.align_loss, losses[0], losses[-1])
+    return {"loss": args.align_loss, "steps": args.align_steps, "lr": args.align_lr,
+            "history": {str(k): v for k, v in result.history.items()}}
+
+
+def _write_alignment(out: Path, alignment: dict) -> None:
+    """alignment.json, the losses in metrics.jsonl (split align) and plots/alignment.png beside the hybrid."""
+    from distil.charts import plot_curves
+    from distil.fsutil import atomic_write_text
+    from distil.run_dir import RunDir
+
+    atomic_write_text(out / "alignment.json", json.dumps(alignment, indent=1))
+    metrics = RunDir(out)
+    for layer, losses in alignment["history"].items():
+        for step, value in enumerate(losses, 1):
+            metrics.log(step=step, tokens=0, split="align", name=f"layer_{layer}", value=value)
+    metrics.close()
+    plot_curves({f"layer {layer}": list(enumerate(losses, 1)) for layer, losses in alignment["history"].items()},
+                out / "plots" / "alignment.png", title=f"Alignment loss ({alignment['loss']}) per new layer",
+                xlabel="alignment step", ylabel=alignment["loss"], logy=alignment["loss"] != "cosine")
 
 
 def cmd_generate(args) -> None:

@@ -49,7 +49,8 @@ def default_of(section: type, name: str):
 def _check_literals(section) -> None:
     """Every ``Literal[...]`` field of a config section holds one of its values: the one check of
     every choice in the config, for sections built from YAML and in Python alike."""
-    name_of_section = type(section).__name__.removesuffix("Config").lower()
+    name_of_section = {"AlignConfig": "hybrid.align"}.get(type(section).__name__,
+                                                           type(section).__name__.removesuffix("Config").lower())
     for name, choices in _literal_fields(type(section)).items():
         value = getattr(section, name)
         if value not in choices:
@@ -261,6 +262,26 @@ class EvalConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Stage 2 of a conversion (distil.hybrid.align): before each stage's KD steps, every newly
+    converted layer's mixer is trained alone to reproduce the attention output it replaces."""
+
+    steps: int = 0  # optimizer steps per new layer; 0: no alignment
+    lr: float = 1e-3
+    loss: Literal["mse", "nmse", "cosine"] = "nmse"  # nmse: MSE / the target's mean square
+    batch_size: int = 4  # recorded windows per step
+    samples: int = 32  # training windows the original model runs over once, to record the targets
+    checkpoint_every: int = 50  # steps between saved alignment states (a killed run resumes exactly)
+
+    def __post_init__(self):
+        _check_literals(self)
+        _check_positive("hybrid.align", "steps", self.steps, allow_zero=True)
+        for name in ("lr", "batch_size", "samples"):
+            _check_positive("hybrid.align", name, getattr(self, name))
+        _check_positive("hybrid.align", "checkpoint_every", self.checkpoint_every, allow_zero=True)
+
+
+@dataclass
 class HybridConfig:
     """Convert a model into an attention / SSM hybrid while training, in stages (docs/models.md).
 
@@ -282,6 +303,7 @@ class HybridConfig:
     d_state: int = 16
     expand: float | None = None  # d_inner / d_model; None: n_heads * head_dim / d_model
     chunk_size: int = 128  # SSD scan chunk
+    align: AlignConfig = field(default_factory=AlignConfig)  # stage 2: layer alignment before each stage's KD
 
     def __post_init__(self):
         _check_literals(self)
@@ -441,9 +463,10 @@ def _apply_override(data: dict, override: str) -> None:
         raise DistilError(f"--set {override!r} should look like section.key=value")
     dotted, raw = override.split("=", 1)
     keys = dotted.strip().split(".")
-    if len(keys) != 2 or not all(keys):
-        raise DistilError(f"--set {override!r}: the key should be section.key, e.g. train.steps=100")
-    section, key = keys
+    if len(keys) not in (2, 3) or not all(keys):
+        raise DistilError(f"--set {override!r}: the key should be section.key, e.g. train.steps=100 "
+                          "(or section.sub.key, e.g. hybrid.align.steps=100)")
+    section = keys[0]
     sections = {f.name for f in dataclasses.fields(Config)}
     if section not in sections:
         raise DistilError(f"unknown config section {section!r} in --set {override!r}; allowed: {', '.join(sections)}")
@@ -452,10 +475,14 @@ def _apply_override(data: dict, override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise DistilError(f"--set {override!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
-    data.setdefault(section, {})
-    if data[section] is None:
-        data[section] = {}
-    data[section][key] = value
+    target = data
+    for key in keys[:-1]:
+        if not isinstance(target.get(key), dict):
+            target[key] = {}
+        else:
+            target[key] = dict(target[key])
+        target = target[key]
+    target[keys[-1]] = value
 
 
 def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:

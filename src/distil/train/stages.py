@@ -29,7 +29,8 @@ import torch
 from distil.charts import markdown_table, plot_curves
 from distil.errors import DistilError
 from distil.eval.perplexity import evaluate_lm
-from distil.fsutil import atomic_write_text
+from distil.fsutil import atomic_path, atomic_write_text
+from distil.hybrid.align import AlignState, align_layers
 from distil.hybrid.placement import layer_scores
 from distil.hybrid.progressive import convert_progressively
 from distil.models import load
@@ -72,6 +73,37 @@ def _scores(cfg, run: RunDir, base, data, info, device) -> dict[int, float] | No
     return scores
 
 
+def _align_stage(cfg, run: RunDir, student, base, data, layers: list[int], info, device) -> dict:
+    """Stage 2 before the stage's KD: align ``layers`` of ``student`` to ``base``'s attention there
+    (distil.hybrid.align); the state is saved in the stage folder, so a killed run resumes it exactly.
+    Each layer's loss goes to the stage's metrics.jsonl (split ``align``) and plots/alignment.png."""
+    a = cfg.hybrid.align
+    state_file = run.path / "align_state.pt"
+    state = AlignState.from_state_dict(torch.load(state_file, weights_only=False)) if state_file.is_file() else None
+
+    def save(current: AlignState) -> None:
+        if info.is_main:
+            with atomic_path(state_file) as tmp:
+                torch.save(current.state_dict(), tmp)
+
+    tokens = torch.from_numpy(data.train_windows[: a.samples, :-1].astype("int64"))
+    if info.is_main:
+        log.info("aligning layers %s to the attention they replace: %d steps each (%s)", layers, a.steps, a.loss)
+    result = align_layers(student.to(device), base, tokens, layers=layers, steps=a.steps, lr=a.lr, loss=a.loss,
+                          batch_size=a.batch_size, seed=cfg.train.seed, state=state, checkpoint_every=a.checkpoint_every,
+                          on_checkpoint=save, progress=cfg.train.progress and info.is_main)
+    if info.is_main:
+        for layer, losses in result.history.items():
+            for step, value in enumerate(losses, 1):
+                run.log(step=step, tokens=0, split="align", name=f"layer_{layer}", value=value)
+        plot_curves({f"layer {layer}": list(enumerate(losses, 1)) for layer, losses in result.history.items()},
+                    run.plots / "alignment.png", title=f"Alignment loss ({a.loss}) per new layer",
+                    xlabel="alignment step", ylabel=a.loss, logy=a.loss != "cosine")
+    return {"layers": layers, "steps": a.steps, "loss": a.loss,
+            "first": {str(k): v[0] for k, v in result.history.items() if v},
+            "final": {str(k): v for k, v in result.final().items()}}
+
+
 def _open_stage(path, info) -> RunDir:
     """The stage's run folder, kept when it holds a checkpoint to resume from, else made afresh."""
     if info.is_main:
@@ -103,6 +135,7 @@ def train_in_stages(cfg, run: RunDir) -> tuple[TrainResult | None, list[dict]]:
     records: list[dict] = []
     last: list[TrainResult] = []
     n = len(h.stages)
+    converted: set[int] = set()  # layers converted by earlier stages (already aligned and distilled)
 
     def distil_stage(student, selection):
         k = len(records) + 1
@@ -112,6 +145,7 @@ def train_in_stages(cfg, run: RunDir) -> tuple[TrainResult | None, list[dict]]:
         if (path / "summary.json").is_file():
             done = json.loads((path / "summary.json").read_text())
             records.append(done["stage"])
+            converted.update(selection.ssm_layers)
             if info.is_main:
                 log.info("stage %d/%d (%d SSM layers) already done: loading %s", k, n, record["num_ssm"], path)
             return load(path / "checkpoints" / "final", device=device)
@@ -121,6 +155,13 @@ def train_in_stages(cfg, run: RunDir) -> tuple[TrainResult | None, list[dict]]:
             log.info("stage %d/%d: %d SSM layers %s, pattern %s; held-out loss %.4f before training", k, n,
                      record["num_ssm"], selection.ssm_layers, student.config.pattern, before["loss"])
         stage_run = _open_stage(path, info)
+        new_layers = [i for i in selection.ssm_layers if i not in converted]
+        if h.align.steps and latest_checkpoint(stage_run.checkpoints) is None:  # KD not started: align first
+            record["align"] = _align_stage(cfg, stage_run, student, base, data, new_layers, info, device)
+            aligned = evaluate_lm(student.to(device), data.val_windows, batch_size=cfg.train.batch_size,
+                                  max_batches=cfg.eval.val_batches, teacher=teacher, device=device)
+            record["after_align"] = {key: v for key, v in aligned.items() if key != "tokens"}
+        converted.update(selection.ssm_layers)
         result = train(cfg, run=stage_run, teacher=teacher, tokenizer=tokenizer, data=data, student=student,
                        desc=f"stage {k}/{n} ({record['num_ssm']} SSM)")
         record.update({"before": {key: v for key, v in before.items() if key != "tokens"},
@@ -156,9 +197,14 @@ def write_stages_report(run: RunDir, cfg, records: list[dict]):
     plot_curves({f"{label}, new layers just converted": [(r["num_ssm"], r["before"][metric]) for r in records],
                  f"{label}, after distilling": [(r["num_ssm"], r["after"][metric]) for r in records]},
                 run.plots / "stages.png", title=f"{label} by stage", xlabel="SSM layers", ylabel=label, markers=True)
-    rows = [[r["stage"], r["num_ssm"], f"`{r['pattern']}`", f"{r['before'][metric]:.4f}", f"{r['after'][metric]:.4f}",
-             f"{r['after']['loss']:.4f}", r["steps"]] for r in records]
+    aligned = any("after_align" in r for r in records)
+    rows = [[r["stage"], r["num_ssm"], f"`{r['pattern']}`", f"{r['before'][metric]:.4f}",
+             *([f"{r['after_align'][metric]:.4f}" if "after_align" in r else "-"] if aligned else []),
+             f"{r['after'][metric]:.4f}", f"{r['after']['loss']:.4f}", r["steps"]] for r in records]
     placement = f"explicit layers {h.layers}" if h.layers is not None else f"{h.placement} placement"
+    align_note = (f'"after alignment" is once each new layer\'s mixer was trained alone to reproduce the attention '
+                  f"it replaced ({h.align.steps} {h.align.loss} steps a layer; curves in stage-N/plots/alignment.png); "
+                  if aligned else "")
     text = f"""# Run {run.path.name}: attention -> {h.mixer} in {len(records)} stage(s)
 
 Model converted: {cfg.student.path or cfg.teacher.path}. Stages {h.stages} SSM layers, {placement},
@@ -167,12 +213,13 @@ each stage trained {cfg.train.steps} steps with {cfg.loss.kind} (KD weight {cfg.
 {cfg.loss.ce_weight}){", SSM layers only" if cfg.student.train_only_ssm else ""}.
 
 {markdown_table(["stage", "SSM layers", "pattern (A attention, M Mamba2, D discrete)", f"{label} before",
-                 f"{label} after", "held-out loss after", "steps"], rows)}
+                 *([f"{label} after alignment"] if aligned else []), f"{label} after", "held-out loss after", "steps"],
+                rows)}
 
 ![{label} by stage](plots/stages.png)
 
 "Before" is the stage's student as converted (earlier stages' layers trained, the new ones just
-initialised); "after" is the same held-out batches once the stage is distilled. Each stage's own
+initialised); {align_note}"after" is the same held-out batches once the stage is distilled. Each stage's own
 report, curves and checkpoints are in `stage-N/`; the layer scores in `layer_scores.json`; the last
 stage's model in `checkpoints/final`.
 """
