@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from _real_teacher import load_real_teacher, windows_of
+from _real_teacher import load_real_teacher, reverse_kl_step, windows_of
 
 from distil.data.corpus import embedded_corpus
 from distil.hybrid.mil import calibrate, hybridize
@@ -49,13 +49,7 @@ def train_layer(model, teacher, layer, train_tokens, steps, seed):
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     for _ in range(steps):
         idx = torch.randint(0, len(train_tokens), (4,))
-        batch = train_tokens[idx]
-        with torch.no_grad():
-            target = teacher(batch)
-        loss = kd_loss(model(batch), target, "reverse_kl")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        reverse_kl_step(model, teacher, train_tokens[idx], opt)
     return model.eval()
 
 

