@@ -19,11 +19,11 @@ def pair():
     return original, tokens
 
 
-@pytest.mark.parametrize("mixer, d_state", [("mamba2", 16), ("discrete_mamba2", 8)])
-def test_alignment_lowers_the_loss_and_moves_only_the_new_mixers(pair, mixer, d_state):
+@pytest.mark.parametrize("mixer, d_state, expand", [("mamba2", 16, None), ("mamba2", 4, 2.0), ("discrete_mamba2", 8, None)])
+def test_alignment_lowers_the_loss_and_moves_only_the_new_mixers(pair, mixer, d_state, expand):
     original, tokens = pair
     with torch.no_grad():
-        hybrid = hybridize(original, [1, 3], mixer=mixer, init="random", d_state=d_state, chunk_size=8)
+        hybrid = hybridize(original, [1, 3], mixer=mixer, init="random", d_state=d_state, chunk_size=8, expand=expand)
     before = {k: v.clone() for k, v in hybrid.state_dict().items()}
     original_before = {k: v.clone() for k, v in original.state_dict().items()}
     result = align_layers(hybrid, original, tokens, layers=[1, 3], steps=40, lr=3e-3, batch_size=4, progress=False)
