@@ -25,6 +25,7 @@ import time
 import torch
 from _real_teacher import load_real_teacher, reverse_kl_step, windows_of
 
+from distil.charts import plot_curves
 from distil.data.corpus import embedded_corpus
 from distil.eval.perplexity import evaluate_lm
 from distil.hybrid import hybridize, select_layers
@@ -36,16 +37,25 @@ def kl(model, teacher, windows) -> float:
     return evaluate_lm(model, windows, batch_size=4, teacher=teacher)["kl_to_teacher"]
 
 
-def kd_until(student, teacher_model, train, *, seconds: float, batch: int, lr: float, seed: int) -> int:
-    """Reverse-KL steps on random training windows until ``seconds`` have passed; returns the steps."""
+def kd_until(student, teacher_model, train, *, seconds: float, batch: int, lr: float, seed: int,
+             every: float = 0.0, on_point=None) -> int:
+    """Reverse-KL steps on random training windows until ``seconds`` of training have passed (time spent
+    in ``on_point``, called every ``every`` seconds of training, is not counted); returns the steps."""
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     student.train()
-    start, steps = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    spent, steps, next_point = 0.0, 0, every
+    while spent < seconds:
+        began = time.perf_counter()
         index = torch.randint(0, train.shape[0], (batch,), generator=g)
         reverse_kl_step(student, teacher_model, train[index], optimizer, clip=1.0)
         steps += 1
+        spent += time.perf_counter() - began
+        if on_point and every and spent >= next_point:
+            student.eval()
+            on_point(spent)
+            student.train()
+            next_point += every
     student.eval()
     return steps
 
@@ -59,6 +69,8 @@ def main() -> None:
     p.add_argument("--align-steps", type=int, default=60)
     p.add_argument("--align-samples", type=int, default=24)
     p.add_argument("--val-windows", type=int, default=8)
+    p.add_argument("--every", type=float, default=40.0, help="seconds of training between KL points of the curves")
+    p.add_argument("--plot", default="docs/img/align_smollm2.png", help="where the KL-vs-time curves go")
     args = p.parse_args()
     torch.set_num_threads(2)
     teacher_model, tokenizer = load_real_teacher()
@@ -69,7 +81,7 @@ def main() -> None:
     train = windows_of(tokenizer, docs[:1500], args.seq_len + 1, 400)[:, : args.seq_len]
     scoring = train[:8]
     attention = teacher_model.config.n_layers
-    rows = []
+    rows, curves = [], {}
     for fraction in args.fractions:
         num_ssm = round(fraction * attention)
         selection = select_layers(teacher_model, num_ssm, "uniform", scoring)
@@ -82,17 +94,24 @@ def main() -> None:
             student.requires_grad_(True)
             began = time.perf_counter()
             aligned_kl, align_seconds = None, 0.0
+            curve = curves.setdefault(f"{num_ssm}/{attention} SSM, {arm}", [(0.0, start_kl)])
             if arm == "align + KD":
                 align_layers(student, teacher_model, train[: args.align_samples], layers=selection.ssm_layers,
                              steps=args.align_steps, lr=1e-3, loss="nmse", progress=False)
                 align_seconds = time.perf_counter() - began
                 aligned_kl = kl(student, teacher, held_out)  # measured outside the budget
+                curve.append((align_seconds, aligned_kl))
             left = args.budget - align_seconds
-            steps = kd_until(student, teacher_model, train, seconds=max(0.0, left), batch=args.batch, lr=1e-4, seed=0)
+            steps = kd_until(student, teacher_model, train, seconds=max(0.0, left), batch=args.batch, lr=1e-4, seed=0,
+                             every=args.every, on_point=lambda t, c=curve, a=align_seconds, s=student: c.append(
+                                 (a + t, kl(s, teacher, held_out))))
             rows.append({"ssm": f"{num_ssm}/{attention}", "arm": arm, "kl_start": start_kl, "kl_aligned": aligned_kl,
                          "kl_end": kl(student, teacher, held_out), "align_s": align_seconds, "kd_steps": steps,
                          "seconds": align_seconds + max(0.0, left)})
             print(rows[-1], flush=True)
+    plot_curves(curves, args.plot, title="SmolLM2-135M hybrids: KL to the teacher at equal wall-clock",
+                xlabel="training seconds (2-core CPU)", ylabel="KL(teacher || hybrid) per token", markers=True)
+    print(f"curves: {args.plot}")
     print(f"\nSmolLM2-135M, {args.budget:.0f} s per arm, KD at {args.batch} x {args.seq_len} tokens, lr 1e-4 (reverse KL); "
           f"alignment {args.align_steps} nmse steps per layer on {args.align_samples} windows; KL on "
           f"{args.val_windows} held-out windows of {args.seq_len}")

@@ -248,7 +248,9 @@ def hybrid_section(hybrids: dict, settings: DemoSettings) -> str:
         rows.append([label, f"{h['kl_before']:.4f}", f"{h['kl_after']:.4f}", f"{h['val_loss']:.3f}",
                      f"{h['top1_agreement']:.3f}", _speed_cell(h["decode_tokens_per_second"])])
     rows.append(["teacher (all attention)", "0", "0", "-", "1", _speed_cell(hybrids["teacher_decode_tokens_per_second"])])
-    table = markdown_table(["initialisation", "KL to teacher before", "KL after", "held-out loss", "top-1 agreement",
+    subset = f"first {settings.val_batches} held-out batches"
+    table = markdown_table([f"initialisation ({subset})", "KL to teacher before", "KL after", "held-out loss",
+                            "top-1 agreement",
                             f"decode tokens/s (median, range of {DECODE_REPEATS})"], rows)
     mil, rnd = hybrids["mil"], hybrids["random"]
     low, high = sorted((mil["kl_after"], rnd["kl_after"]))
