@@ -66,6 +66,7 @@ def test_rerunning_a_finished_run_does_nothing_and_a_changed_config_is_refused(c
     assert run_training(changed, run, overwrite=True).result.history[-1]["step"] == 6
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_again(corpus):
     cfg_file = corpus / "c.yaml"
     cfg_file.write_text(yaml.safe_dump(_cfg(corpus)))
@@ -103,6 +104,7 @@ def test_the_lock_refuses_a_live_process_and_takes_over_a_stale_one(tmp_path):
     assert not (folder / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_stale_temp_folders_are_removed_when_a_run_resumes(corpus):
     run = corpus / "run"
     cfg = _cfg(corpus, train={"checkpoint_every": 2, "steps": 4})

@@ -404,15 +404,17 @@ def cmd_hybridize(args) -> None:
 
     if Path(args.out).exists() and not args.overwrite:
         raise DistilError(f"{args.out} already exists; pass --overwrite to replace it")
-    model = load(args.model).eval()
-    tokenizer = load_tokenizer(args.model) if has_tokenizer(args.model) else None
-    needs_data = args.init == "mil" or args.align_steps or (not args.layers and args.placement in ("uniform", "importance"))
-    data = _scoring_tokens(args, tokenizer) if needs_data else None
-    if args.layers:
+    layers = None
+    if args.layers:  # checked before any work
         try:
             layers = [int(x) for x in args.layers.split(",") if x.strip()]
         except ValueError as e:
             raise DistilError(f"--layers {args.layers!r} should be comma-separated integers") from e
+    model = load(args.model).eval()
+    tokenizer = load_tokenizer(args.model) if has_tokenizer(args.model) else None
+    needs_data = args.init == "mil" or args.align_steps or (not args.layers and args.placement in ("uniform", "importance"))
+    data = _scoring_tokens(args, tokenizer) if needs_data else None
+    if layers is not None:
         selection = select_layers(model, len(layers), layers)
     else:
         selection = select_layers(model, args.num_ssm, args.placement, data, score=args.score, mixer=args.mixer,
