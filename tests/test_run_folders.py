@@ -208,3 +208,23 @@ def test_a_full_disk_during_a_checkpoint_is_named_as_such(tmp_path, monkeypatch)
     assert e.value.errno == errno.ENOSPC
     assert os_error_message(e.value).startswith("no space left on the device writing")
     assert not list((tmp_path / "ckpts").glob("*"))  # the half-written checkpoint is gone
+
+
+def test_a_folder_made_by_another_thread_meanwhile_is_not_a_file_in_the_way(tmp_path, monkeypatch):
+    """The API teacher's threads write answers into new folders at once: a folder that did not exist
+    at the first look but exists at the second (another thread made it) must not be taken for a file."""
+    from distil.fsutil import atomic_write_text
+
+    made = tmp_path / "api" / "ff"
+    made.mkdir(parents=True)
+    real_is_dir, looks = Path.is_dir, {"n": 0}
+
+    def is_dir_late(self):  # the first look at `made` happens before the other thread created it
+        if self == made and looks["n"] == 0:
+            looks["n"] += 1
+            return False
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir_late)
+    atomic_write_text(made / "answer.json", "{}")
+    assert (made / "answer.json").read_text() == "{}" and looks["n"] == 1

@@ -69,7 +69,7 @@ def make_parents(path: Path) -> Path | None:
     for ancestor in path.parents:
         if ancestor.is_dir():
             break
-        if ancestor.exists():
+        if ancestor.exists() and not ancestor.is_dir():  # re-checked: another thread may have just made it
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(ancestor))
         missing.append(ancestor)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def first_missing(path: Path) -> Path | None:
     for candidate in (path, *path.parents):
         if candidate.is_dir():
             return top
-        if candidate.exists():
+        if candidate.exists() and not candidate.is_dir():  # re-checked: another thread may have just made it
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(candidate))
         top = candidate
     return top
