@@ -55,3 +55,29 @@ def tiny_corpus_file(tmp_path, tiny_docs):
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_docs))
     return path
+
+
+def with_sections(base: dict, **sections) -> dict:
+    """A config dict: ``base`` with each section's keys overridden by ``sections``."""
+    out = dict(base)
+    for section, values in sections.items():
+        out[section] = {**out.get(section, {}), **values}
+    return out
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_corpus_file):
+    """``make(**sections)``: a small CE-only config dict over the tiny corpus (4 steps, validation every 2)."""
+    corpus = tmp_path / "corpus.jsonl"
+    if corpus != tiny_corpus_file:
+        corpus.write_text(tiny_corpus_file.read_text())
+    base = {
+        "teacher": {"source": "none"},
+        "student": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+        "data": {"source": "jsonl", "path": str(corpus), "seq_len": 32, "val_fraction": 0.2},
+        "loss": {"kd_weight": 0.0, "ce_weight": 1.0},
+        "train": {"steps": 4, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "progress": False, "val_every": 2,
+                  "log_every": 1, "device": "cpu"},
+        "eval": {"val_batches": 1},
+    }
+    return lambda **sections: with_sections(base, **sections)

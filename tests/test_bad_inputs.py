@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import with_sections
 from distil import cli
 from distil.models import ModelConfig, TransformerLM
 from distil.models.io import save_native
@@ -58,9 +59,7 @@ def _write(path: Path, data) -> Path:
 
 
 def _config(world, here, **sections):
-    cfg = yaml.safe_load((world / "ok.yaml").read_text())
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
+    cfg = with_sections(yaml.safe_load((world / "ok.yaml").read_text()), **sections)
     return str(_write(here / "c.yaml", yaml.safe_dump(cfg)))
 
 

@@ -22,24 +22,9 @@ from distil.run_dir import RunLock, run_state
 from distil.train.run import run_training
 
 
-def _cfg(tmp_path, **sections):
-    base = {
-        "teacher": {"source": "none"},
-        "student": {"d_model": 32, "n_layers": 1, "n_heads": 2},
-        "data": {"source": "jsonl", "path": str(tmp_path / "corpus.jsonl"), "seq_len": 32, "val_fraction": 0.2},
-        "loss": {"kd_weight": 0.0, "ce_weight": 1.0},
-        "train": {"steps": 4, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "progress": False, "val_every": 2,
-                  "log_every": 1, "device": "cpu"},
-        "eval": {"val_batches": 1},
-    }
-    for section, values in sections.items():
-        base[section] = {**base.get(section, {}), **values}
-    return base
-
-
 @pytest.fixture
-def corpus(tmp_path, tiny_corpus_file):
-    (tmp_path / "corpus.jsonl").write_text(tiny_corpus_file.read_text())
+def corpus(tmp_path, run_config):
+    """The test's folder, holding the tiny corpus that ``run_config`` configs read."""
     return tmp_path
 
 
@@ -48,8 +33,8 @@ def _listing(root: Path) -> dict:
                                        p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
-def test_rerunning_a_finished_run_does_nothing_and_a_changed_config_is_refused(corpus, tiny_tokenizer):
-    cfg = _cfg(corpus, data={"tokenizer": None})
+def test_rerunning_a_finished_run_does_nothing_and_a_changed_config_is_refused(corpus, tiny_tokenizer, run_config):
+    cfg = run_config(data={"tokenizer": None})
     run = corpus / "run"
     first = run_training(config_from_dict(cfg), run)
     assert first.result is not None and (run / "summary.json").is_file()
@@ -57,7 +42,7 @@ def test_rerunning_a_finished_run_does_nothing_and_a_changed_config_is_refused(c
     again = run_training(config_from_dict(cfg), run)  # the same config: nothing to do, nothing touched
     assert again.result is None and again.report == run / "report.md"
     assert _listing(run) == before
-    changed = config_from_dict(_cfg(corpus, train={"steps": 6}))
+    changed = config_from_dict(run_config(train={"steps": 6}))
     with pytest.raises(DistilError, match=r"finished run .*train\.steps: 4 -> 6"):
         run_training(changed, run)
     assert _listing(run) == before
@@ -67,21 +52,21 @@ def test_rerunning_a_finished_run_does_nothing_and_a_changed_config_is_refused(c
 
 
 @pytest.mark.slow
-def test_a_run_killed_before_its_first_checkpoint_starts_again(corpus):
+def test_a_run_killed_before_its_first_checkpoint_starts_again(corpus, run_config):
     cfg_file = corpus / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump(_cfg(corpus)))
+    cfg_file.write_text(yaml.safe_dump(run_config()))
     run = corpus / "run"
     env = {**os.environ, "DISTIL_KILL_AT_STEP": "2", "TOKENIZERS_PARALLELISM": "false"}
     killed = subprocess.run([sys.executable, "-m", "distil", "train", str(cfg_file), "--run-dir", str(run)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert killed.returncode < 0
     assert run_state(run) == "unstarted"  # config.yaml and metrics, no checkpoint
-    result = run_training(config_from_dict(_cfg(corpus)), run)  # no --overwrite needed
+    result = run_training(config_from_dict(run_config()), run)  # no --overwrite needed
     assert [h["step"] for h in result.result.history] == [1, 2, 3, 4] and run_state(run) == "complete"
 
 
-def test_a_failure_before_the_first_checkpoint_leaves_no_folder(corpus):
-    bad = config_from_dict(_cfg(corpus, data={"path": str(corpus / "missing.jsonl")}))
+def test_a_failure_before_the_first_checkpoint_leaves_no_folder(corpus, run_config):
+    bad = config_from_dict(run_config(data={"path": str(corpus / "missing.jsonl")}))
     with pytest.raises(DistilError, match="not found"):
         run_training(bad, corpus / "deep" / "er" / "run")
     assert not (corpus / "deep").exists()
@@ -105,9 +90,9 @@ def test_the_lock_refuses_a_live_process_and_takes_over_a_stale_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_stale_temp_folders_are_removed_when_a_run_resumes(corpus):
+def test_stale_temp_folders_are_removed_when_a_run_resumes(corpus, run_config):
     run = corpus / "run"
-    cfg = _cfg(corpus, train={"checkpoint_every": 2, "steps": 4})
+    cfg = run_config(train={"checkpoint_every": 2, "steps": 4})
     cfg_file = corpus / "c.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "DISTIL_KILL_AT_STEP": "3", "TOKENIZERS_PARALLELISM": "false"}
@@ -120,9 +105,9 @@ def test_stale_temp_folders_are_removed_when_a_run_resumes(corpus):
     assert not list(run.rglob(".*.tmp"))
 
 
-def test_outputs_follow_the_umask(corpus):
+def test_outputs_follow_the_umask(corpus, run_config):
     run = corpus / "run"
-    run_training(config_from_dict(_cfg(corpus)), run)
+    run_training(config_from_dict(run_config()), run)
     for path in (run / "report.md", run / "summary.json", run / "metrics.jsonl", run / "config.yaml",
                  run / "checkpoints" / "final" / "model.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE, path
@@ -130,7 +115,7 @@ def test_outputs_follow_the_umask(corpus):
         assert stat.S_IMODE(folder.stat().st_mode) == DIR_MODE, folder
 
 
-def test_a_teacher_with_another_tokenizer_is_refused_unless_allowed(corpus, tiny_tokenizer, tmp_path):
+def test_a_teacher_with_another_tokenizer_is_refused_unless_allowed(corpus, tiny_tokenizer, tmp_path, run_config):
     from distil.data.tokenize import train_bpe_tokenizer
 
     torch.manual_seed(0)
@@ -141,16 +126,16 @@ def test_a_teacher_with_another_tokenizer_is_refused_unless_allowed(corpus, tiny
     kd = dict(teacher={"source": "model", "path": str(tmp_path / "teacher")}, loss={"kd_weight": 1.0},
               data={"tokenizer": str(tmp_path / "other")})
     with pytest.raises(DistilError, match=r"teacher's .* tokenizer .* is not the data's"):
-        run_training(config_from_dict(_cfg(corpus, **kd)), corpus / "r1")
-    allowed = _cfg(corpus, **kd)
+        run_training(config_from_dict(run_config(**kd)), corpus / "r1")
+    allowed = run_config(**kd)
     allowed["teacher"]["allow_tokenizer_mismatch"] = True
     assert run_training(config_from_dict(allowed), corpus / "r2").result is not None
-    same = _cfg(corpus, **{**kd, "data": {"tokenizer": str(tmp_path / "teacher")}})
+    same = run_config(**{**kd, "data": {"tokenizer": str(tmp_path / "teacher")}})
     assert run_training(config_from_dict(same), corpus / "r3").result is not None
 
 
-def test_validation_runs_at_step_0(corpus):
-    outcome = run_training(config_from_dict(_cfg(corpus)), corpus / "run")
+def test_validation_runs_at_step_0(corpus, run_config):
+    outcome = run_training(config_from_dict(run_config()), corpus / "run")
     assert outcome.result.val_start["loss"] > outcome.result.val["loss"]
     from distil.run_dir import read_metrics
 
@@ -174,10 +159,10 @@ def test_distil_num_threads_is_checked_and_applied(monkeypatch, capsys):
         torch.set_num_threads(before)
 
 
-def test_a_damaged_token_cache_is_rebuilt_not_a_traceback(corpus, tiny_tokenizer, caplog):
+def test_a_damaged_token_cache_is_rebuilt_not_a_traceback(corpus, tiny_tokenizer, caplog, run_config):
     from distil.data.dataset import _cache_dir, build_data
 
-    cfg = config_from_dict(_cfg(corpus)).data
+    cfg = config_from_dict(run_config()).data
     import numpy as np
 
     first = np.array(build_data(cfg, tiny_tokenizer).train_windows)  # a copy: the cache's files are memory-mapped

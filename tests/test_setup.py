@@ -20,21 +20,6 @@ from distil.train.loop import setup
 from distil.train.run import run_training
 
 
-def _cfg(tmp_path, **sections):
-    base = {
-        "teacher": {"source": "none"},
-        "student": {"d_model": 32, "n_layers": 2, "n_heads": 2},
-        "data": {"source": "jsonl", "path": str(tmp_path / "corpus.jsonl"), "seq_len": 32, "val_fraction": 0.2},
-        "loss": {"kd_weight": 0.0, "ce_weight": 1.0},
-        "train": {"steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "progress": False, "val_every": 2,
-                  "log_every": 1, "device": "cpu"},
-        "eval": {"val_batches": 1},
-    }
-    for section, values in sections.items():
-        base[section] = {**base.get(section, {}), **values}
-    return config_from_dict(base)
-
-
 def _teacher(tokenizer):
     torch.manual_seed(1)
     return ModelTeacher(TransformerLM(ModelConfig(vocab_size=len(tokenizer), d_model=32, n_layers=1, n_heads=2)))
@@ -104,9 +89,8 @@ def test_the_loss_object_equals_the_formula(tiny_tokenizer):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_window_batches_resume_where_their_state_says(tiny_tokenizer, tiny_corpus_file, tmp_path):
-    tmp_path.joinpath("corpus.jsonl").write_text(tiny_corpus_file.read_text())
-    data = build_data(_cfg(tmp_path).data, tiny_tokenizer)
+def test_window_batches_resume_where_their_state_says(tiny_tokenizer, run_config):
+    data = build_data(config_from_dict(run_config()).data, tiny_tokenizer)
     a = WindowBatches(data, 4, slice(0, 4), seed=3, device=torch.device("cpu"), document_attention=False)
     for _ in range(5):
         a.next_batch()
@@ -121,10 +105,9 @@ def test_window_batches_resume_where_their_state_says(tiny_tokenizer, tiny_corpu
     assert torch.equal(half.next_batch()["input_ids"], whole.next_batch()["input_ids"][2:])  # rank 1 of 2
 
 
-def test_setup_resolves_teacher_batches_loss_and_plan(tiny_tokenizer, tiny_corpus_file, tmp_path):
-    tmp_path.joinpath("corpus.jsonl").write_text(tiny_corpus_file.read_text())
-    cfg = _cfg(tmp_path, teacher={"source": "model", "path": "unused"}, loss={"kd_weight": 1.0, "ce_weight": 0.0,
-                                                                              "kind": "reverse_kl"})
+def test_setup_resolves_teacher_batches_loss_and_plan(tiny_tokenizer, run_config):
+    cfg = config_from_dict(run_config(teacher={"source": "model", "path": "unused"},
+                                      loss={"kd_weight": 1.0, "ce_weight": 0.0, "kind": "reverse_kl"}))
     s = setup(cfg, teacher=_teacher(tiny_tokenizer), tokenizer=tiny_tokenizer)
     assert isinstance(s.teacher, ModelTeacher) and isinstance(s.batches, WindowBatches)
     assert s.loss.path == "head" and s.loss.spec.kind == "reverse_kl" and s.plan.kind == "single"
@@ -132,9 +115,8 @@ def test_setup_resolves_teacher_batches_loss_and_plan(tiny_tokenizer, tiny_corpu
     assert "input_ids" in s.batches.next_batch()
 
 
-def test_run_training_makes_a_complete_run_folder(tiny_tokenizer, tiny_corpus_file, tmp_path):
-    tmp_path.joinpath("corpus.jsonl").write_text(tiny_corpus_file.read_text())
-    outcome = run_training(_cfg(tmp_path), tmp_path / "run")
+def test_run_training_makes_a_complete_run_folder(run_config, tmp_path):
+    outcome = run_training(config_from_dict(run_config()), tmp_path / "run")
     assert outcome.result is not None and len(outcome.result.history) == 4
     assert (outcome.run_dir / "summary.json").is_file() and outcome.report.is_file()
     assert (outcome.run_dir / "config.yaml").is_file() and (outcome.run_dir / "checkpoints" / "final").is_dir()

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import with_sections
 from distil.config import config_from_dict
 from distil.data.teacher_cache import TeacherCache
 from distil.data.topk_codec import (
@@ -153,9 +154,7 @@ def cfg_dict(root, corpus, **sections):
                   "log_every": 1, "device": "cpu"},
         "eval": {"val_batches": 2},
     }
-    for section, values in sections.items():
-        base[section] = {**base.get(section, {}), **values}
-    return base
+    return with_sections(base, **sections)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import with_sections
 from distil.config import config_from_dict
 from distil.data.dataset import build_data
 from distil.errors import DistilError
@@ -27,9 +28,7 @@ def tiny_cfg(tmp_path, **sections):
                   "log_every": 1, "device": "cpu"},
         "eval": {"val_batches": 2},
     }
-    for section, values in sections.items():
-        base[section] = {**base.get(section, {}), **values}
-    return config_from_dict(base)
+    return config_from_dict(with_sections(base, **sections))
 
 
 def make_teacher(tokenizer, path=None) -> ModelTeacher:

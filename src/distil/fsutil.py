@@ -61,19 +61,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def make_parents(path: Path) -> Path | None:
-    """``mkdir -p`` of ``path``'s parent; a file in the way is a NotADirectoryError naming it.
-    Returns the top-most folder this created (None if the parent existed), for a caller that
-    wants to leave nothing behind."""
-    missing = []
-    for ancestor in path.parents:
-        if ancestor.is_dir():
-            break
-        if ancestor.exists() and not ancestor.is_dir():  # re-checked: another thread may have just made it
-            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(ancestor))
-        missing.append(ancestor)
+def make_parents(path: Path) -> None:
+    """``mkdir -p`` of ``path``'s parent; a file in the way is a NotADirectoryError naming it."""
+    first_missing(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return missing[-1] if missing else None
 
 
 def first_missing(path: Path) -> Path | None:

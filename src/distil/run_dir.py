@@ -147,7 +147,8 @@ def run_state(path: str | Path) -> str:
 
 
 def remove_stale_temps(path: Path) -> list[Path]:
-    """Temporary files and folders a killed writer left (``.name.XXXX.tmp``, ``.name.old``)."""
+    """Remove the temporary files and folders a killed writer left (``.<name>.<random>.tmp``,
+    ``.<name>.old``) in the run folder, its checkpoints and plots; returns what was removed."""
     stale = []
     for folder in (path, path / "checkpoints", path / "plots"):
         if folder.is_dir():
