@@ -167,6 +167,18 @@ CASES = [
      ["not a folder"]),
     ("report-bad-baseline", lambda w, h: ["report", str(h), "--out", str(h / "rep"), "--baseline", "nonsense"],
      ["NAME=VALUE"]),
+    # study
+    ("study-teacher-missing", lambda w, h: ["study", "--teacher", str(h / "nope"), "--out", str(h / "s")],
+     ["not a model folder"]),
+    ("study-only-bad", lambda w, h: ["study", "--only", "nope"], ["invalid choice"]),
+    ("study-out-not-a-study", lambda w, h: ["study", "--teacher", str(w / "model"), "--out",
+                                            str(_write(h / "o" / "x", "").parent)], ["not a study folder"]),
+    # on-policy
+    ("policy-without-prompts", lambda w, h: ["train", str(w / "ok.yaml"), "--set", "loss.policy=gkd"],
+     ["rollout.prompts"]),
+    ("rollout-top-p", lambda w, h: ["train", str(w / "ok.yaml"), "--set", "rollout.top_p=2"], ["rollout.top_p"]),
+    ("rollout-prompts-missing", lambda w, h: ["train", str(w / "ok.yaml"), "--run-dir", str(h / "r"), "--set",
+                                              f"rollout.prompts={h / 'nope.jsonl'}"], ["prompt file not found"]),
     # caches and imports
     ("cache-level", lambda w, h: ["cache-teacher", str(w / "ok.yaml"), "--out", str(h / "c"), "--level", "30"],
      ["--level"]),

@@ -2,7 +2,7 @@
 
     errors -> spec, fsutil, runtime -> config, kernels, gguf, charts, run_dir      (foundations)
            -> models | losses | data                                            (peers: never each other)
-           -> teachers -> eval | hybrid -> train -> report -> demo -> cli
+           -> teachers -> eval | hybrid -> train -> report -> demo -> study -> cli
 
 Function-level imports count as much as top-level ones: a lazy import does not make a cycle go
 away. docs/architecture.md draws the same picture.
@@ -23,6 +23,7 @@ RANK = {
     "report": 40,
     "demo": 41,
     "demo_real": 42,
+    "study": 42,
     "cli": 50,
     "__main__": 51,
     "__init__": 99,  # the package's own __init__: re-exports only

@@ -32,7 +32,8 @@ def test_every_teacher_kind_implements_the_protocol(tiny_tokenizer):
     for cls in (HFTeacher, CacheTeacher, ApiTeacher):
         for name in ("gives", "carries_state", "signal", "to", "close", "vocab_size"):
             assert hasattr(cls, name), (cls.__name__, name)
-    assert HFTeacher.gives == ("logits", "topk") and CacheTeacher.gives == ApiTeacher.gives == ("topk",)
+    assert HFTeacher.gives == ("logits", "topk") and CacheTeacher.gives == ("topk",)
+    assert ApiTeacher.gives == ("topk", "token_logprobs")  # a server also scores the sampled tokens
 
 
 def test_model_teacher_signals_agree_with_each_other(tiny_tokenizer):
@@ -122,6 +123,25 @@ def test_run_training_makes_a_complete_run_folder(run_config, tmp_path):
     assert (outcome.run_dir / "config.yaml").is_file() and (outcome.run_dir / "checkpoints" / "final").is_dir()
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and np.isfinite(summary["final_val"]["loss"])
+
+
+def test_a_validation_teacher_scores_kl_for_a_run_without_one(run_config, tmp_path, tiny_tokenizer):
+    """A CE-only run (or one on a cache) has no logits teacher: ``val_teacher`` still gives KL curves,
+    and it is exactly evaluate_lm's KL with that teacher."""
+    from distil.eval.perplexity import evaluate_lm
+
+    teacher = _teacher(tiny_tokenizer)
+    cfg = config_from_dict(run_config())
+    result = run_training(cfg, tmp_path / "run", tokenizer=tiny_tokenizer, val_teacher=teacher).result
+    kl_points = [h["val_kl_to_teacher"] for h in result.history if "val_kl_to_teacher" in h]
+    assert len(kl_points) == 2 and "kl_to_teacher" in result.val_start
+    data = build_data(cfg.data, tiny_tokenizer)
+    expected = evaluate_lm(result.student, data.val_windows, batch_size=cfg.train.batch_size,
+                           max_batches=cfg.eval.val_batches, teacher=teacher)["kl_to_teacher"]
+    assert result.val["kl_to_teacher"] == pytest.approx(expected, rel=1e-6)
+    plain = run_training(cfg, tmp_path / "plain", tokenizer=tiny_tokenizer).result
+    assert "kl_to_teacher" not in plain.val  # no teacher, no KL
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in result.history]  # validation changes nothing
 
 
 def test_the_loop_stays_short():

@@ -61,6 +61,34 @@ def plot_curves(
     return Path(path)
 
 
+def plot_bars(values: dict[str, float], path: str | Path, *, title: str = "", ylabel: str = "",
+              hlines: dict[str, float] | None = None) -> Path:
+    """One labelled bar per value (NaN: no bar), with labelled horizontal reference lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    names = list(values)
+    bars = ax.bar(range(len(names)), [values[n] for n in names], color="tab:blue", alpha=0.8)
+    for bar, name in zip(bars, names):
+        if values[name] == values[name]:
+            ax.annotate(f"{values[name]:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=8)
+    for (name, value), style in zip((hlines or {}).items(), ("--", ":", "-.", "--")):
+        ax.axhline(value, linestyle=style, color="gray", linewidth=1, label=name)
+    ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.set_ylim(0, 1.0)
+    if hlines:
+        ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def smooth(values: Sequence[float], window: int) -> list[float]:
     """Trailing moving average, for readable training curves."""
     out, total = [], 0.0

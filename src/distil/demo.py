@@ -87,12 +87,12 @@ def _config(settings: DemoSettings, model: tuple, *, steps: int, lr: float, loss
     })
 
 
-def narrator(started: float, progress: bool):
+def narrator(started: float, progress: bool, label: str = "demo"):
     """``say(msg)``: a line with the seconds since ``started`` on stdout, or a log line when quiet."""
 
     def say(msg: str) -> None:
         if progress:
-            print(f"[demo {time.perf_counter() - started:5.0f}s] {msg}", flush=True)
+            print(f"[{label} {time.perf_counter() - started:5.0f}s] {msg}", flush=True)
         else:
             log.info(msg)
 

@@ -197,5 +197,80 @@ img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head>
     return out / "report.md"
 
 
+def markdown_page(md: str, folder: str | Path, *, title: str) -> str:
+    """A self-contained HTML page from the markdown distil writes (headings, paragraphs, bullet
+    lists, pipe tables, **bold**, `code`, and images relative to ``folder``, embedded as data URIs)."""
+    import base64
+    import html
+    import re
+
+    folder = Path(folder)
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+        text = re.sub(r"\*(.+?)\*", r"<i>\1</i>", text)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+    def image(match) -> str:
+        alt, src = match.group(1), match.group(2)
+        path = folder / src
+        if not path.is_file():
+            return f"<p>(missing image {html.escape(src)})</p>"
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+    out, paragraph, table, items = [], [], [], []
+
+    def flush():
+        if paragraph:
+            out.append(f"<p>{inline(' '.join(paragraph))}</p>")
+            paragraph.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+        if table:
+            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
+                    if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
+            head, body = rows[0], rows[1:]
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            if paragraph or items:
+                flush()
+            table.append(stripped)
+            continue
+        if table:
+            flush()
+        if not stripped:
+            flush()
+        elif stripped.startswith("#"):
+            flush()
+            level = len(stripped) - len(stripped.lstrip("#"))
+            out.append(f"<h{level}>{inline(stripped[level:].strip())}</h{level}>")
+        elif re.fullmatch(r"!\[(.*?)\]\((.+?)\)", stripped):
+            flush()
+            out.append(re.sub(r"!\[(.*?)\]\((.+?)\)", image, stripped))
+        elif stripped.startswith("- "):
+            if paragraph:
+                flush()
+            items.append(stripped[2:])
+        elif items:
+            items[-1] += " " + stripped
+        else:
+            paragraph.append(stripped)
+    flush()
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#f3f3f3}}
+img{{max-width:100%}}figure{{margin:1em 0}}code{{background:#f5f5f5}}</style></head>
+<body>{"".join(out)}</body></html>
+"""
+
+
 def atomic_write_text_path(path: Path, text: str) -> None:
     atomic_write_text(path, text)

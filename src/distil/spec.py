@@ -20,7 +20,7 @@ KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"
 TOPK_KINDS = ("forward_kl", "reverse_kl", "soft_ce")
 ALL_KINDS = (*KINDS, "soft_ce")
 TAILS = ("bucket", "renormalize")  # how a top-k loss treats the mass outside the k entries
-SIGNALS = ("head", "logits", "topk")  # what a teacher can give (distil.teachers.base)
+SIGNALS = ("head", "logits", "topk", "token_logprobs")  # what a teacher can give (distil.teachers.base)
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,8 @@ def shared_vocab(student_vocab: int, teacher_vocab: int) -> int:
         f"teacher vocabulary ({teacher_vocab}) and student vocabulary ({student_vocab}) differ by more than "
         "padding; they must share a tokenizer"
     )
+
+
+# `distil study`: experiment and budget names (the CLI's choices; the experiments live in distil/study.py).
+STUDY_EXPERIMENTS = ("mixer-state", "init", "loss", "zero-shot-vs-progressive", "placement", "tiny-kd")
+STUDY_BUDGETS = ("quick", "full")

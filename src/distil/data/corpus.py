@@ -11,6 +11,7 @@ functions, read with ``ast`` (nothing is imported or executed). About 1.6M chara
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import random
@@ -25,7 +26,13 @@ MIN_DOCSTRING_CHARS = 200
 
 
 def embedded_corpus() -> list[str]:
-    """Python's topic documentation plus standard-library docstrings, in a fixed order."""
+    """Python's topic documentation plus standard-library docstrings, in a fixed order (a new list
+    each call; the stdlib is read once per process)."""
+    return list(_embedded_corpus())
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_corpus() -> tuple[str, ...]:
     from pydoc_data.topics import topics
 
     docs = [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
@@ -44,7 +51,7 @@ def embedded_corpus() -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= MIN_DOCSTRING_CHARS:
                     docs.append(doc.strip())
-    return docs
+    return tuple(docs)
 
 
 def _read_text_documents(path: Path) -> list[str]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distil.errors import DistilError
 from distil.losses.divergences import cross_entropy, kd_loss
 from distil.losses.fused import fused_linear_kd_loss
 from distil.losses.parallel import (
@@ -32,10 +33,16 @@ from distil.losses.parallel import (
     vocab_parallel_topk_kd_loss,
     vocab_slice,
 )
+from distil.losses.policy import minillm_loss, sampled_reverse_kl
 from distil.losses.topk import topk_kd_loss
 from distil.spec import LossSpec, Request
 
 PATHS = ("ce", "topk", "head", "logits")
+
+
+def _counted(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    counted = labels != -100
+    return counted if mask is None else counted & mask
 
 
 @dataclass(frozen=True)
@@ -50,15 +57,21 @@ class DistillLoss:
     external_topk: bool = False  # top-k from a cache / API: positions without any entry are not counted
     parallel: str = "none"  # none | vocab | sequence
     group: object = None  # the process group of a vocab- or sequence-parallel loss
+    policy: str = "off"  # off | gkd | on_policy_rkl | minillm (losses on the student's samples: losses.policy)
+    max_weight: float = 5.0  # minillm: the importance weights' clip
 
     @classmethod
     def from_config(cls, cfg, *, teacher_gives: tuple[str, ...] = (), teacher_k: int | None = None,
-                    tp_group=None, sequence_world: int = 1) -> DistillLoss:
+                    tp_group=None, sequence_world: int = 1, rollout=None) -> DistillLoss:
         """``cfg`` is a LossConfig; ``teacher_gives`` the teacher's signals (empty: no teacher);
-        ``teacher_k`` the k of a top-k-only teacher (a cache's k, an API's default)."""
-        spec = LossSpec(kind=cfg.kind, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew, tail=cfg.tail)
+        ``teacher_k`` the k of a top-k-only teacher (a cache's k, an API's default); ``rollout`` the
+        RolloutConfig of an on-policy run."""
+        policy = getattr(cfg, "policy", "off")
+        exact = bool(rollout is not None and rollout.exact)
+        kind = "reverse_kl" if policy == "on_policy_rkl" else cfg.kind
+        spec = LossSpec(kind=kind, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew, tail=cfg.tail)
         kd_weight = cfg.kd_weight * (cfg.temperature**2 if cfg.t2_scale else 1.0)
-        topk_only = tuple(teacher_gives) == ("topk",)
+        topk_only = "topk" in teacher_gives and not {"head", "logits"} & set(teacher_gives)
         if not teacher_gives or kd_weight == 0:
             path, request = "ce", None
         elif cfg.topk or topk_only:
@@ -67,10 +80,19 @@ class DistillLoss:
             path, request = "head", Request("head")
         else:
             path, request = "logits", Request("logits")
+        if policy == "minillm" or (policy == "on_policy_rkl" and not exact):
+            if "logits" in teacher_gives:
+                path, request = "logits", Request("logits")  # the sampled-token forms read both logits whole
+            elif policy == "on_policy_rkl" and "token_logprobs" in teacher_gives:
+                path, request = "logits", Request("token_logprobs")  # a server: the sampled tokens' log-probs
+            else:
+                raise DistilError(f"loss.policy {policy!r} needs the teacher's logits (a model teacher)"
+                                  + (" or a server's token log-probs" if policy == "on_policy_rkl" else ""))
         parallel = "vocab" if tp_group is not None else "sequence" if sequence_world > 1 else "none"
         return cls(spec=spec, path=path, ce_weight=cfg.ce_weight, kd_weight=kd_weight, fused=cfg.fused,
                    chunk_size=cfg.chunk_size, request=request, external_topk=topk_only, parallel=parallel,
-                   group=tp_group)
+                   group=tp_group, policy="on_policy_rkl_exact" if policy == "on_policy_rkl" and exact else policy,
+                   max_weight=rollout.max_weight if rollout is not None else 5.0)
 
     def describe(self) -> str:
         what = {"ce": "cross-entropy only", "topk": f"{self.spec.kind} on the teacher's top-{self.request and self.request.k}",
@@ -78,12 +100,29 @@ class DistillLoss:
         how = "vocabulary-parallel" if self.parallel == "vocab" else "fused with the LM head" if self.fused and \
             self.path != "logits" else "materialised logits"
         seq = ", sequence-parallel token mean" if self.parallel == "sequence" else ""
-        return f"{what[self.path]} ({how}{seq})"
+        policies = {"gkd": "GKD on student samples", "on_policy_rkl": "on-policy reverse KL on the sampled tokens",
+                    "on_policy_rkl_exact": "on-policy reverse KL, full vocabulary at sampled prefixes",
+                    "minillm": "MiniLLM policy gradient (teacher-mixed samples)"}
+        if self.policy in ("on_policy_rkl", "minillm"):
+            return policies[self.policy]
+        prefix = f"{policies[self.policy]}: " if self.policy != "off" else ""
+        return f"{prefix}{what[self.path]} ({how}{seq})"
 
     def __call__(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, signal,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, sample_logprobs: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of one micro-batch: ``hidden`` [batch, seq, H] after the final norm, ``head`` the
-        student's LM head, ``signal`` what the teacher gave for ``request`` (None for CE only)."""
+        student's LM head, ``signal`` what the teacher gave for ``request`` (None for CE only);
+        ``sample_logprobs`` the log-prob each sampled token was drawn with (minillm)."""
+        if self.policy == "on_policy_rkl":
+            if self.request.kind == "token_logprobs":
+                return self.kd_weight * sampled_reverse_kl(head(hidden), None, labels, _counted(labels, mask),
+                                                           teacher_token_logprobs=signal)
+            return self.kd_weight * sampled_reverse_kl(head(hidden), signal, labels, _counted(labels, mask))
+        if self.policy == "minillm":
+            if sample_logprobs is None:
+                raise DistilError("loss.policy minillm needs the sampling log-probs of a rollout batch")
+            return self.kd_weight * minillm_loss(head(hidden), signal, labels, _counted(labels, mask), sample_logprobs,
+                                                 max_weight=self.max_weight)
         if self.parallel == "vocab":
             return self._vocab_parallel(hidden, head, labels, signal, mask)
         loss = self._local(hidden, head, labels, signal, mask)

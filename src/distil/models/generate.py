@@ -43,6 +43,107 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
     return out
 
 
+def filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of ``probs`` [..., vocab]: the smallest set of most likely tokens whose mass
+    reaches ``top_p`` keeps its probabilities (renormalised); the rest get 0."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [rows, 1, vocab] of the last position of ``hidden`` [rows, seq, d].
+
+    Computed as ``W @ h^T`` (then viewed transposed): for a few rows against a large vocabulary,
+    MKL runs this tall-skinny product 2.6x faster than ``h @ W^T`` (4.0 against 10.6 ms for 8 rows
+    x 49,152 x 256 on 2 CPU threads), and the head is most of a small model's decode step."""
+    head = model.lm_head
+    logits = (head.weight @ hidden[:, -1].t()).t()
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias
+    return logits[:, None]
+
+
+def _prefill(model, prompt_ids: torch.Tensor, total: int):
+    """The prompt in one pass into preallocated states; logits of its last position only (the LM head
+    over every prompt position would cost more than the whole decode at a large vocabulary)."""
+    states = preallocated_states(model, prompt_ids.shape[0], total)
+    hidden, states = model(prompt_ids, states=states, return_states=True, return_hidden=True)
+    return _last_logits(model, hidden), states
+
+
+def _step(model, token: torch.Tensor, states):
+    hidden, states = model(token, states=states, return_states=True, return_hidden=True)
+    return _last_logits(model, hidden), states
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row [rows, 1] from ``probs`` [rows, vocab], by inverting the cumulative
+    distribution at a uniform draw (torch.multinomial's exponential draws over a 49k vocabulary
+    cost more than the decode step of a small model on a CPU)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+           eos_token_id: int | None = None, generator: torch.Generator | None = None, mix_model=None,
+           mix_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample ``max_new_tokens`` continuations of ``prompt_ids`` [rows, prompt] (the same prompt length
+    in every row) with the KV cache / SSM state of :func:`generate`.
+
+    With ``mix_model`` (a second model of the same vocabulary, e.g. the teacher) each token is drawn
+    from ``mix_alpha * p_mix + (1 - mix_alpha) * p_model`` (MiniLLM's teacher-mixed sampling).
+    Temperature and top-p apply to the distribution sampled from.
+
+    Returns (tokens [rows, new], the log-probability of each drawn token under the distribution it
+    was drawn from [rows, new], lengths [rows]: tokens up to and including the first EOS). Tokens
+    after a row's EOS are EOS and count in no length.
+    """
+    if temperature <= 0:
+        raise ValueError("sampling needs temperature > 0")
+    was_training = model.training
+    model.eval()
+    rows, width = prompt_ids.shape
+    total = width + max_new_tokens
+    logits, states = _prefill(model, prompt_ids, total)
+    mix_states = mix_logits = None
+    if mix_model is not None:
+        mix_logits, mix_states = _prefill(mix_model, prompt_ids, total)
+    tokens, logprobs = [], []
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=prompt_ids.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+    for t in range(max_new_tokens):
+        probs = torch.softmax(logits[:, -1].float() / temperature, -1)
+        if mix_model is not None:
+            vocab = min(probs.shape[-1], mix_logits.shape[-1])
+            mixed = torch.softmax(mix_logits[:, -1, :vocab].float() / temperature, -1)
+            probs = mix_alpha * mixed + (1 - mix_alpha) * probs[:, :vocab]
+        probs = filter_top_p(probs, top_p)
+        token = _draw(probs, generator)
+        logprob = probs.gather(-1, token).log()
+        if eos_token_id is not None:
+            token = torch.where(finished[:, None], torch.full_like(token, eos_token_id), token)
+            newly = ~finished & (token[:, 0] == eos_token_id)
+            lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+            finished |= newly
+        tokens.append(token)
+        logprobs.append(logprob)
+        if (eos_token_id is not None and finished.all()) or t == max_new_tokens - 1:
+            break
+        logits, states = _step(model, token, states)
+        if mix_model is not None:
+            mix_logits, mix_states = _step(mix_model, token, mix_states)
+    model.train(was_training)
+    out = torch.cat(tokens, dim=1)
+    return out, torch.cat(logprobs, dim=1), lengths.clamp(max=out.shape[1])
+
+
 def generate_text(model, tokenizer, prompt: str, **kwargs) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     device = next(model.parameters()).device

@@ -268,7 +268,7 @@ def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token
 class ApiTeacher:
     """Scores token sequences with an OpenAI-compatible ``/completions`` endpoint (see the module docstring)."""
 
-    gives = ("topk",)
+    gives = ("topk", "token_logprobs")
     carries_state = False
     vocab_size = None  # the tokenizer's: the endpoint's token strings are mapped onto it
 
@@ -304,6 +304,8 @@ class ApiTeacher:
         return self
 
     def signal(self, batch: dict, request, stream: dict | None = None):
+        if request.kind == "token_logprobs":
+            return self.token_logprobs(batch["input_ids"], batch["labels"])
         assert request.kind == "topk", request
         return self.topk(batch["input_ids"], request.k)
 
@@ -381,6 +383,31 @@ class ApiTeacher:
             ids[i, : len(best)] = [b[0] for b in best]
             logprobs[i, : len(best)] = [b[1] for b in best]
         return ids, logprobs
+
+    def token_logprobs(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's log-prob of each label [B, L] (0 where the label is -100): each row is sent
+        with its last label appended, and the echoed tokens' ``token_logprobs`` are read (what
+        vLLM's ``echo`` / ``prompt_logprobs`` give for a sampled text)."""
+        last = labels[:, -1:].clamp_min(0)
+        rows = [row.tolist() for row in torch.cat([input_ids, last], 1).cpu()]
+        where = f"{self.base_url}/completions"
+
+        def one(row: list[int]) -> list[float]:
+            body = self._post({"model": self.model, "prompt": row, "echo": True, "logprobs": 1, "max_tokens": 1,
+                               "temperature": 0.0})
+            choices = body.get("choices") if isinstance(body, dict) else None
+            if not choices or not choices[0].get("logprobs"):
+                raise DistilError(f"{where}: the response has no logprobs (request logprobs with echo)")
+            logprobs = choices[0]["logprobs"]
+            values = logprobs.get("token_logprobs") if "tokens" in logprobs else [
+                item.get("logprob") for item in logprobs.get("content") or []]
+            if values is None or len(values) < len(row):
+                raise DistilError(f"{where}: the response scores {0 if values is None else len(values)} tokens, "
+                                  f"expected {len(row)}; does the server support echo with logprobs?")
+            return [float(v) if v is not None else 0.0 for v in values[1 : len(row)]]
+
+        out = torch.tensor(list(self.pool.map(one, rows)), dtype=torch.float32)
+        return out.to(labels.device).masked_fill(labels == -100, 0.0)
 
     def topk(self, input_ids: torch.Tensor, k: int | None = None):
         """(ids [B, L, k], log-probs [B, L, k], tail log-mass [B, L]) on ``input_ids``' device."""

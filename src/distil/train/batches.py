@@ -12,6 +12,8 @@ predicted) and, as the packing gives them, ``attn_doc_ids`` / ``positions``:
 * ``StreamBatches``: stream packing. Each row walks through one document chunk by chunk; the
   student's (and a stateful teacher's) recurrent / KV state flows from chunk to chunk in
   ``batch["stream"]``, zeroed for rows that start a new document, detached, its KV bounded.
+* ``RolloutBatches`` (train/rollout.py): prompts with completions from the dataset, the student's
+  samples or the teacher's (``rollout:`` and ``loss.policy``; docs/on-policy.md).
 * ``CacheBatches``: concat windows with the teacher's top-k read from a cache
   (``batch["teacher_topk"]``), decoded by ``data.num_workers`` DataLoader workers beside training.
 """
@@ -29,6 +31,7 @@ from distil.data.topk_codec import ABSENT_LOGPROB
 from distil.errors import DistilError
 from distil.models.state import carry, empty_states
 from distil.teachers import CacheTeacher
+from distil.train.rollout import RolloutBatches
 
 
 class BatchSource(Protocol):
@@ -44,6 +47,9 @@ class BatchSource(Protocol):
 def build_batches(cfg, data, info, tokenizer, *, local_rows: slice, teacher=None, student=None) -> BatchSource:
     """The configured packing as a batch source; ``local_rows`` is this rank's slice of the global batch."""
     pad_id = tokenizer.eos_token_id or 0
+    if cfg.rollout.prompts:  # prompts: the completions are the dataset's, the student's or the teacher's
+        return RolloutBatches.from_config(cfg, info, tokenizer, student=student, teacher=teacher,
+                                          rows=local_rows.stop - local_rows.start)
     if cfg.data.packing == "stream":
         # Each rank walks its own share of the documents; a row's state flows across its chunks.
         teacher_model = teacher.model if teacher is not None and teacher.carries_state else None

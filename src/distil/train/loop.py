@@ -113,8 +113,13 @@ def compute_loss(student, teacher: Teacher | None, batch: dict, loss: DistillLos
         hidden = student(input_ids, doc_ids=batch.get("attn_doc_ids"), positions=batch.get("positions"),
                          return_hidden=True)  # [batch, seq, d_model]
     signal = teacher.signal(batch, loss.request, stream) if loss.request is not None else None
-    mask = batch["labels"] != -100 if stream is not None else None
-    return loss(hidden, head if head is not None else student.lm_head, batch["labels"], signal, mask)
+    # Stream padding and rollouts' prompt / padding positions (labels -100) count in no term. A rollout
+    # micro-batch's mean is rescaled by its share of the step's counted tokens, so k micro-batches of
+    # B/k rows give the same gradient as one of B rows (batch["loss_scale"]).
+    mask = batch["labels"] != -100 if stream is not None or "loss_scale" in batch else None
+    value = loss(hidden, head if head is not None else student.lm_head, batch["labels"], signal, mask,
+                 sample_logprobs=batch.get("sample_logprobs"))
+    return value * batch["loss_scale"] if "loss_scale" in batch else value
 
 
 def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=None, data=None, info=None,
@@ -194,6 +199,7 @@ class Setup:
     tokens: int = 0
     history: list[dict] = field(default_factory=list)  # one record per optimizer step
     val_start: dict = field(default_factory=dict)
+    val_teacher: Teacher | None = None  # scores KL to the teacher at validation (default: a logits teacher)
 
     def restore(self, path) -> dict:
         """Roll student, optimizer, data position and progress back to a checkpoint."""
@@ -210,15 +216,20 @@ class Setup:
 
     def validate(self) -> dict:
         # The global batch size: every world size validates on the same windows.
-        teacher = self.teacher if self.teacher is not None and "logits" in self.teacher.gives else None
+        teacher = self.val_teacher
+        if teacher is None and self.teacher is not None and "logits" in self.teacher.gives:
+            teacher = self.teacher
         return evaluate_lm(self.plan.plain(self.student), self.data.val_windows, batch_size=self.cfg.train.batch_size,
                            max_batches=self.cfg.eval.val_batches, teacher=teacher, device=self.info.device)
 
 
 def setup(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = None, tokenizer=None,
-          data: TokenizedData | None = None, student: TransformerLM | None = None, resume: bool = True) -> Setup:
+          data: TokenizedData | None = None, student: TransformerLM | None = None, resume: bool = True,
+          val_teacher: Teacher | None = None) -> Setup:
     """Teacher, batches, loss and parallel plan from the config (or passed in), the student and
-    optimizer, and the latest checkpoint of ``run`` restored (unless ``resume=False``)."""
+    optimizer, and the latest checkpoint of ``run`` restored (unless ``resume=False``).
+    ``val_teacher`` (one that gives logits) scores KL to the teacher at validation when the training
+    teacher cannot (a cache, an API, or none for a CE-only run)."""
     info = init_distributed(cfg.train.device)
     set_threads(cfg.train.threads)
     plan = ParallelPlan(cfg, info)
@@ -245,12 +256,15 @@ def setup(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
     loss = DistillLoss.from_config(cfg.loss, teacher_gives=teacher.gives if teacher is not None else (),
                                    teacher_k=getattr(teacher, "k", None),
                                    tp_group=plan.tp_group, sequence_world=info.world_size if
-                                   cfg.loss.parallel == "sequence" else 1)
+                                   cfg.loss.parallel == "sequence" else 1, rollout=cfg.rollout)
     optimizer = build_optimizer(student, cfg)
     batches = build_batches(cfg, data, info, tokenizer, local_rows=plan.local_rows, teacher=teacher, student=student)
     guard = SpikeGuard(factor=cfg.train.spike_factor, patience=cfg.train.spike_patience, window=cfg.train.spike_window,
                        lr_factor=cfg.train.spike_lr_factor)
-    s = Setup(cfg, info, run, tokenizer, data, student, student, teacher, batches, loss, plan, optimizer, guard)
+    if val_teacher is not None and "logits" not in val_teacher.gives:
+        raise DistilError("val_teacher must give logits (a model teacher)")
+    s = Setup(cfg, info, run, tokenizer, data, student, student, teacher, batches, loss, plan, optimizer, guard,
+              val_teacher=val_teacher)
     latest = latest_checkpoint(run.checkpoints) if run is not None and resume else None
     if latest is not None:
         guard.load_state_dict(s.restore(latest)["guard"])
@@ -283,11 +297,12 @@ def train_step(s: Setup, lr: float) -> tuple[float, float]:
 
 def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = None, tokenizer=None,
           data: TokenizedData | None = None, student: TransformerLM | None = None, desc: str = "train",
-          resume: bool = True) -> TrainResult:
+          resume: bool = True, val_teacher: Teacher | None = None) -> TrainResult:
     """Train ``student`` (built from the config when not given). With a run folder: metrics,
     checkpoints every ``train.checkpoint_every`` steps and at the end, and automatic resumption from
     the folder's latest checkpoint (``resume=False`` starts over)."""
-    s = setup(cfg, run=run, teacher=teacher, tokenizer=tokenizer, data=data, student=student, resume=resume)
+    s = setup(cfg, run=run, teacher=teacher, tokenizer=tokenizer, data=data, student=student, resume=resume,
+              val_teacher=val_teacher)
     t, info, main = cfg.train, s.info, s.info.is_main
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     val: dict = {}

@@ -70,7 +70,7 @@ def _saved_differences(run_path: Path, cfg: Config) -> list[str]:
 def run_training(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
                  **prepared) -> RunOutcome:
     """Train ``cfg`` into ``run_dir`` (default ``output.run_dir/output.name``). ``prepared`` objects
-    (``teacher``, ``tokenizer``, ``data``, ``student``, ``desc``) go to ``train()`` instead of being
+    (``teacher``, ``tokenizer``, ``data``, ``student``, ``desc``, ``val_teacher``) go to ``train()`` instead of being
     built from the config: the demos train several models on one prepared dataset this way.
 
     * a finished run (summary.json) is left alone: the same config is "nothing to do" (no error),
