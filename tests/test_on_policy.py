@@ -258,6 +258,9 @@ def test_rollout_batches_mask_the_prompt_and_carry_the_samples(make_cfg, tiny_to
         assert ids[row, p : p + len(completion) - 1].tolist() == completion[:-1].tolist()
         assert (batch["sample_logprobs"][row][counted] < 0).all() and (batch["sample_logprobs"][row][~counted] == 0).all()
     assert batch["loss_scale"] == pytest.approx(1.0)
+    # The loop counts the rows' real tokens (prompt + completion), not train.batch_size x data.seq_len.
+    expected = sum(len(prompts[int(index[row // 2])].ids) + int((labels[row] != -100).sum()) for row in range(4))
+    assert s.batches.step_tokens == expected
 
 
 def test_prompt_tokens_carry_no_loss(make_cfg, tiny_tokenizer):

@@ -330,8 +330,9 @@ def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
         s.step += 1
-        s.tokens += tokens_per_step
-        session_tokens += tokens_per_step
+        step_tokens = getattr(s.batches, "step_tokens", None) or tokens_per_step  # rollouts: the rows' real tokens
+        s.tokens += step_tokens
+        session_tokens += step_tokens
         elapsed = time.perf_counter() - session_start
         record = {"step": s.step, "tokens": s.tokens, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
         s.history.append(record)

@@ -65,6 +65,7 @@ class RolloutBatches:
         self.coin = random.Random(t.seed * 1000 + 29)
         self.queue: list[dict] = []
         self.last_on_policy = None
+        self.step_tokens: int | None = None  # prompt + completion tokens of the last step (the loop's token count)
 
     @classmethod
     def from_config(cls, cfg, info, tokenizer, *, student, teacher=None, rows: int | None = None) -> RolloutBatches:
@@ -149,6 +150,7 @@ class RolloutBatches:
             labels[j, start : start + len(completion)] = completion
             if logprobs is not None:
                 sample_lp[j, start : start + len(completion)] = logprobs
+        self.step_tokens = sum(len(p) + len(c) for p, c, _ in rows)  # what tokens/s counts for this step
         counted = (labels != -100).sum()
         if counted == 0:
             raise DistilError("a rollout step has no completion tokens to train on (every sample ended at once?)")
