@@ -398,3 +398,39 @@ def test_on_policy_training_lowers_kl_on_own_samples(run_config, tiny_tokenizer,
         student = run_training(cfg, tmp_path / policy, tokenizer=tiny_tokenizer).result.student
         kl[policy] = kl_on_own_samples(student, teacher, held_out, max_new_tokens=16, seed=5)["reverse_kl"]
     assert kl["on_policy_rkl"] < kl["off"], kl
+
+
+@pytest.mark.slow
+def test_two_processes_roll_out_like_one(teacher_dir, tmp_path, tiny_corpus_file):
+    """Under torchrun each process takes every other prompt of the step; with prompts and completions of
+    equal length (every process counts the same tokens) two processes train exactly like one."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from distil.run_dir import read_metrics
+
+    cfg = {"teacher": {"source": "model", "path": teacher_dir},
+           "student": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
+           "data": {"source": "jsonl", "path": str(tiny_corpus_file), "seq_len": 32, "val_fraction": 0.2,
+                    "token_cache": None},
+           "loss": {"kind": "reverse_kl", "kd_weight": 1.0, "ce_weight": 0.0, "policy": "gkd"},
+           "rollout": {"prompts": "corpus:passages", "prompt_tokens": 8, "completion_tokens": 8, "limit": 64,
+                       "lmbda": 0.0},
+           "train": {"steps": 4, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "log_every": 1, "val_every": 0,
+                     "progress": False, "device": "cpu"},
+           "eval": {"val_batches": 1}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**__import__("os").environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("one", [sys.executable, "-m", "distil"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                    "2", "-m", "distil"])):
+        out = subprocess.run([*launcher, "train", str(path), "--run-dir", str(tmp_path / name)], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[name] = [r["value"] for r in read_metrics(tmp_path / name / "metrics.jsonl")
+                      if r["split"] == "train" and r["name"] == "loss"]
+    assert len(runs["one"]) == 4 and runs["two"] == pytest.approx(runs["one"], rel=1e-5)
