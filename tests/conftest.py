@@ -57,6 +57,17 @@ def tiny_corpus_file(tmp_path, tiny_docs):
     return path
 
 
+def save_tiny_model(path, tokenizer, *, n_layers: int, seed: int, d_model: int = 32, max_seq_len: int = 128) -> str:
+    """A random TransformerLM saved with ``tokenizer`` at ``path`` (a teacher folder for the CLI and setup)."""
+    from distil.models import ModelConfig, TransformerLM
+    from distil.models.io import save_native
+
+    torch.manual_seed(seed)
+    save_native(TransformerLM(ModelConfig(vocab_size=len(tokenizer), d_model=d_model, n_layers=n_layers, n_heads=2,
+                                          max_seq_len=max_seq_len)), path, tokenizer=tokenizer)
+    return str(path)
+
+
 def with_sections(base: dict, **sections) -> dict:
     """A config dict: ``base`` with each section's keys overridden by ``sections``."""
     out = dict(base)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import with_sections
+from conftest import save_tiny_model, with_sections
 from distil.config import config_from_dict
 from distil.data.prompts import load_prompts
 from distil.errors import DistilError
@@ -29,13 +29,7 @@ from distil.train.run import run_training
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tiny_tokenizer):
-    from distil.models.io import save_native
-
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("on-policy") / "teacher"
-    save_native(TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=2, n_heads=2,
-                                          max_seq_len=128)), path, tokenizer=tiny_tokenizer)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("on-policy") / "teacher", tiny_tokenizer, n_layers=2, seed=3)
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-import torch
 
+from conftest import save_tiny_model
 from distil.errors import DistilError
 from distil.study import EXPERIMENTS, budget_with, judge, run_study
 
@@ -24,14 +24,8 @@ def tiny_budget():
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory, tiny_tokenizer):
-    from distil.models import ModelConfig, TransformerLM
-    from distil.models.io import save_native
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("study-teacher") / "teacher"
-    save_native(TransformerLM(ModelConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=6, n_heads=2,
-                                          max_seq_len=64)), path, tokenizer=tiny_tokenizer)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("study-teacher") / "teacher", tiny_tokenizer, n_layers=6, seed=0,
+                           max_seq_len=64)
 
 
 @pytest.fixture(scope="module")

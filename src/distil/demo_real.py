@@ -30,7 +30,7 @@ import torch
 
 from distil.charts import format_params, markdown_table, plot_curves
 from distil.config import config_from_dict
-from distil.data.corpus import embedded_corpus
+from distil.data.corpus import sample_documents
 from distil.data.dataset import build_data
 from distil.data.tokenize import load_tokenizer
 from distil.demo import narrator, verdict
@@ -100,7 +100,7 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
     # The teacher runs at ~500 tokens/s on 2 cores: the data is a random sample of documents of a
     # fixed size, written to the run folder so the configs (and the cache check) can name it.
     corpus = run.path / "corpus.jsonl"
-    sample, unused = _sample_documents(settings.corpus_chars)
+    sample, unused = sample_documents(settings.corpus_chars)
     run.write_text(corpus.name, sample)
     tokenizer = load_tokenizer(teacher_path)
     model = load(teacher_path).eval()
@@ -158,22 +158,6 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
 
 def _config_for(settings, teacher_path, corpus, cache):
     return lambda **kwargs: _config(settings, teacher_path, corpus, cache, **kwargs)
-
-
-def _sample_documents(chars: int) -> tuple[str, list[str]]:
-    """JSONL of embedded-corpus documents in a fixed random order, about ``chars`` characters in all,
-    and the documents left out (in the same order)."""
-    import random
-
-    docs = embedded_corpus()
-    random.Random(0).shuffle(docs)
-    lines, total = [], 0
-    for doc in docs:
-        if total >= chars:
-            break
-        lines.append(json.dumps({"text": doc}) + "\n")
-        total += len(doc)
-    return "".join(lines), docs[len(lines):]
 
 
 def _hybrids(run, settings, teacher, tokenizer, data, config, evaluate, say) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import statistics
 import time
@@ -43,7 +42,7 @@ import torch
 
 from distil.charts import format_params, markdown_table, plot_bars, plot_curves
 from distil.config import config_from_dict
-from distil.data.corpus import embedded_corpus
+from distil.data.corpus import sample_documents
 from distil.data.dataset import build_data
 from distil.data.tokenize import load_tokenizer
 from distil.demo import narrator
@@ -507,20 +506,6 @@ RUNNERS = {"mixer-state": exp_mixer_state, "init": exp_init, "loss": exp_loss,
 
 # ---------------------------------------------------------------------------------------------
 # The study and its report
-
-
-def sample_documents(chars: int) -> tuple[str, list[str]]:
-    """JSONL of embedded-corpus documents in a fixed random order, about ``chars`` characters, and
-    the documents left out (the multiple-choice items come from those)."""
-    docs = embedded_corpus()
-    random.Random(0).shuffle(docs)
-    lines, total = [], 0
-    for doc in docs:
-        if total >= chars:
-            break
-        lines.append(json.dumps({"text": doc}) + "\n")
-        total += len(doc)
-    return "".join(lines), docs[len(lines):]
 
 
 def run_study(out: str | Path = "runs/study", *, budget: str | Budget = "quick", only: list[str] | None = None,

@@ -54,6 +54,20 @@ def _embedded_corpus() -> tuple[str, ...]:
     return tuple(docs)
 
 
+def sample_documents(chars: int, seed: int = 0) -> tuple[str, list[str]]:
+    """JSONL of embedded-corpus documents in a fixed random order, about ``chars`` characters in all,
+    and the documents left out (in the same order; held-out material such as multiple-choice items)."""
+    docs = embedded_corpus()
+    random.Random(seed).shuffle(docs)
+    lines, total = [], 0
+    for doc in docs:
+        if total >= chars:
+            break
+        lines.append(json.dumps({"text": doc}) + "\n")
+        total += len(doc)
+    return "".join(lines), docs[len(lines):]
+
+
 def _read_text_documents(path: Path) -> list[str]:
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     docs = []
