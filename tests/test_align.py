@@ -10,6 +10,8 @@ from distil.hybrid import hybridize
 from distil.hybrid.align import AlignState, align_layers, alignment_loss, record
 from distil.models import ModelConfig, TransformerLM
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 
 @pytest.fixture(scope="module")
 def pair():

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import distil.models.ssm as ssm
 from distil.models import Mamba2Mixer
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 # ---------------------------------------------------------------------------------------------
 # Stand-ins, from the kernels' contracts (float64-friendly loops, independent of distil's scan).
 

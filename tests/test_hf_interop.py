@@ -10,6 +10,8 @@ from distil.errors import DistilError
 from distil.models import ModelConfig, TransformerLM, load, load_hf, save_hf
 from distil.models.io import save_native
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 
 def _hf_model(kind: str):
     torch.manual_seed(0)

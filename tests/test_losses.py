@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from distil.errors import DistilError
 from distil.losses import KINDS, cross_entropy, fused_linear_kd_loss, kd_loss, topk_kd_loss
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 torch.manual_seed(0)
 
 

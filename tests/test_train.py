@@ -17,6 +17,8 @@ from distil.run_dir import RunDir, read_metrics
 from distil.teachers import ModelTeacher, load_teacher
 from distil.train.loop import compute_loss, train
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 
 def tiny_cfg(tmp_path, **sections):
     base = {

@@ -274,8 +274,10 @@ class GatedRMSNorm(nn.Module):
         self.group_size, self.eps = group_size, eps
 
     def forward(self, y, z):
+        # fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 ones: a float32 norm inside a float64
+        # reference check made step == forward hold only where both shapes rounded alike (AVX2, not AVX-512)
         dtype = y.dtype
-        y = y.float() * F.silu(z.float())
+        y = _fp(y, y) * F.silu(_fp(z, y))
         grouped = y.view(*y.shape[:-1], -1, self.group_size)
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * grouped.view(y.shape).to(dtype)
