@@ -97,6 +97,29 @@ def test_rerun_skips_finished_arms_and_other_settings_are_refused(study, tiny_te
         run_study(out, budget=tiny_budget(), teacher=tiny_teacher, only=["nope"], progress=False)
 
 
+@pytest.mark.parametrize("kind, a, b, verdict, rule, words", [
+    ("less", [1.0, 1.1], [2.0, 2.2], "reproduced", "better", ["A lower on every seed", "1.05 against 2.1",
+                                                             "B 100% higher", "beyond 2 SE = 0.1"]),
+    ("less", [2.0, 2.2], [1.0, 1.1], "not reproduced", "opposite", ["the opposite: B lower on every seed", "1.05 against 2.1"]),
+    ("less", [1.000, 1.001], [1.001, 1.002], "not reproduced", "no_difference", ["no difference", "under 2% of B"]),
+    ("less", [1.0, 2.0], [1.5, 1.5], "inconclusive", "within_spread", ["diff +0", "seeds disagree in sign"]),
+    ("less", [1.0], [2.0], "inconclusive", "one_seed", ["one seed"]),
+    # "reaches": the tiny-kd case of the study report: A (CE 6.611) far ahead of B (reverse KL 9.334)
+    ("not_worse", [6.6, 6.622], [9.034, 9.634], "reproduced", "ahead", ["A ahead on every seed", "6.611 against 9.334",
+                                                                       "B 41% higher"]),
+    ("not_worse", [1.0, 1.01], [1.0, 1.0], "reproduced", "within_tolerance", ["A at worst", "behind", "under 2% of B"]),
+    ("not_worse", [1.5, 1.6], [1.0, 1.0], "not reproduced", "behind", ["A behind on every seed", "A 55% higher"]),
+    ("not_worse", [1.0, 1.5], [1.2, 1.1], "inconclusive", "within_spread", ["seeds disagree in sign"]),
+])
+def test_each_verdicts_reason_comes_from_the_rule_that_fired(kind, a, b, verdict, rule, words):
+    r = judge(a, b, kind=kind, a_label="A", b_label="B")
+    assert (r["verdict"], r["rule"]) == (verdict, rule)
+    for w in words:
+        assert w in r["why"], (w, r["why"])
+    if rule == "ahead":  # the old text claimed "at worst 2% behind" for an arm 41% ahead
+        assert "behind" not in r["why"]
+
+
 def test_judge_rules():
     # Better on every seed, far beyond the spread: reproduced; the opposite: not reproduced.
     assert judge([1.0, 1.1], [2.0, 2.2])["verdict"] == "reproduced"
