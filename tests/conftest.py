@@ -8,7 +8,11 @@ import tempfile
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+TEST_THREADS = str(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(TEST_THREADS))
+# A fixed count: the tests compare runs bit for bit, and a float reduction's rounding depends on how
+# many threads split it; distil's default follows the machine's load (tests/test_threads.py tests that).
+os.environ.setdefault("DISTIL_NUM_THREADS", TEST_THREADS)
 
 
 def pytest_configure(config):

@@ -20,7 +20,7 @@ import platform
 import torch
 
 from distil import __version__
-from distil.runtime import tune_allocator
+from distil.runtime import threads_follow_load, tune_allocator
 
 log = logging.getLogger("distil")
 
@@ -94,7 +94,8 @@ def describe_environment() -> dict[str, str]:
         info["device"] = f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
         info["bf16"] = str(torch.cuda.is_bf16_supported())
     else:
-        info["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        mode = ", fewer while other processes use the cores" if threads_follow_load() else ""
+        info["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads{mode})"
     for name, dist in (("mamba_ssm", "mamba-ssm"), ("causal_conv1d", "causal-conv1d"), ("triton", "triton"),
                        ("liger_kernel", "liger-kernel"), ("lm_eval", "lm-eval"), ("tensorboard", "tensorboard"),
                        ("wandb", "wandb")):

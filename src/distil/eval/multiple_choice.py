@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from distil.data.corpus import read_jsonl
 from distil.errors import DistilError
+from distil.runtime import adapt_threads
 
 
 @dataclass
@@ -96,6 +97,7 @@ def continuation_logprobs(model, tokenizer, pairs, *, batch_size: int = 16, max_
     results: list[tuple[float, int]] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in tqdm(range(0, len(encoded), batch_size), desc="choices", disable=not progress, leave=False):
+        adapt_threads()
         batch = encoded[start : start + batch_size]
         seqs = []
         for ctx, cont in batch:

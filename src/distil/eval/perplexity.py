@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distil.losses.divergences import kd_loss
+from distil.runtime import adapt_threads
 from distil.spec import shared_vocab
 
 
@@ -44,6 +45,7 @@ def evaluate_lm(
     if max_batches:
         num_batches = min(num_batches, max_batches)
     for b in tqdm(range(num_batches), desc="eval", disable=not progress, leave=False):
+        adapt_threads()
         chunk = torch.from_numpy(windows[b * batch_size : (b + 1) * batch_size].astype(np.int64)).to(device)
         inputs, labels = chunk[:, :-1], chunk[:, 1:]
         logits = logits_fn(inputs).float()

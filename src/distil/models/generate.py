@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from distil.models.state import preallocated_states
+from distil.runtime import adapt_threads
 
 
 @torch.no_grad()
@@ -24,6 +25,7 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
     out = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
+        adapt_threads()  # fewer torch threads while other processes take cores (distil/runtime.py)
         next_logits = logits[:, -1].float()
         if temperature > 0:
             next_logits = next_logits / temperature
@@ -119,6 +121,7 @@ def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature:
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=prompt_ids.device)
     finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
     for t in range(max_new_tokens):
+        adapt_threads()
         probs = torch.softmax(logits[:, -1].float() / temperature, -1)
         if mix_model is not None:
             vocab = min(probs.shape[-1], mix_logits.shape[-1])

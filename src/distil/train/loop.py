@@ -43,7 +43,7 @@ from distil.models.io import save_native
 from distil.models.loading import load
 from distil.models.transformer import ModelConfig, TransformerLM
 from distil.run_dir import RunDir
-from distil.runtime import set_threads
+from distil.runtime import adapt_threads, set_threads
 from distil.spec import shared_vocab
 from distil.teachers import CacheTeacher, Teacher, build_teacher, load_teacher
 from distil.train.batches import BatchSource, build_batches
@@ -311,6 +311,7 @@ def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
         s.val_start = _validate(s, {})
     bar = tqdm(total=t.steps, initial=s.step, desc=desc, disable=not (t.progress and main), dynamic_ncols=True)
     while s.step < t.steps:
+        adapt_threads()  # fewer torch threads while other processes take cores (distil/runtime.py)
         lr = t.lr * s.guard.lr_scale * lr_multiplier(s.step, total_steps=t.steps, warmup_steps=t.warmup_steps,
                                                      schedule=t.schedule, min_ratio=t.min_lr_ratio,
                                                      decay_fraction=t.decay_fraction)
