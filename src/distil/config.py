@@ -227,7 +227,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 50  # 0 disables periodic validation
     progress: bool = True
-    threads: int | None = None  # torch threads (null: $DISTIL_NUM_THREADS, else one per core)
+    threads: int | None = None  # torch threads, fixed (null: $DISTIL_NUM_THREADS, else follow the load)
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
