@@ -36,11 +36,23 @@ def test_report_compares_runs_and_notebook_logs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
     assert "| ce | 2.1000 | 8.17 |" in md and "| rkl | 1.8900 |" in md and "| SLM_log |" in md
-    for png in ("train_loss.png", "train_loss_log.png", "val_loss.png", "val_loss_log.png", "eval_accuracy.png",
-                "kl_to_teacher.png"):
+    for png in ("train_loss.png", "val_loss.png", "eval_accuracy.png", "kl_to_teacher.png"):
         assert (out / png).stat().st_size > 1000, png
+    for png in ("train_loss_log.png", "val_loss_log.png"):  # losses 1.8 .. 3.1: no decade, no log axis
+        assert not (out / png).exists(), png
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 and "<table>" in page and "src=\"http" not in page
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page and "src=\"http" not in page
+
+
+def test_a_log_scale_plot_only_where_the_values_span_a_decade(tmp_path):
+    from distil.report import write_comparison_report
+
+    run = tmp_path / "long"
+    rows = [{"step": s, "tokens": s, "split": "train", "name": "loss", "value": 10.0 / s, "time": 0} for s in range(1, 30)]
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_comparison_report([str(run)], tmp_path / "out")
+    assert (tmp_path / "out" / "train_loss_log.png").is_file()  # 10 .. 0.34: a log axis shows it
 
 
 def test_bad_log_lines_and_missing_runs_are_user_errors(tmp_path):

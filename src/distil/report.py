@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from distil.charts import format_params, markdown_table, plot_curves, smooth
+from distil.charts import format_params, markdown_table, plot_bars, plot_curves, smooth, spans_decade
 from distil.errors import DistilError
 from distil.fsutil import atomic_write_text
 from distil.run_dir import read_metrics
@@ -93,6 +93,16 @@ def _tokenizer_id(run: Path) -> str | None:
     return None
 
 
+def _final_accuracy(run: dict) -> float | None:
+    s, series = run["summary"], run["series"]
+    if "multiple_choice/acc" in s:
+        return s["multiple_choice/acc"]
+    for key in ("hella", "eval/acc", "val/mc_acc"):
+        if series.get(key):
+            return series[key][-1][1]
+    return None
+
+
 def _summary_row(run: dict) -> list:
     s, series = run["summary"], run["series"]
     final = s.get("final_val") or {}
@@ -100,11 +110,13 @@ def _summary_row(run: dict) -> list:
     def last(key):
         return series[key][-1][1] if series.get(key) else None
 
-    val_loss = final.get("loss", last("val"))
-    ppl = final.get("ppl", last("val/ppl"))
-    kl = final.get("kl_to_teacher", last("val/kl_to_teacher"))
-    acc = s.get("multiple_choice/acc", last("hella") or last("eval/acc"))
-    acc_norm = s.get("multiple_choice/acc_norm", last("eval/acc_norm"))
+    # `distil eval --run` and the demos write final numbers as eval rows (lm/..., multiple_choice/...);
+    # they come first, then the run's own final validation, then its last logged point.
+    val_loss = s.get("lm/loss", final.get("loss", last("val")))
+    ppl = s.get("lm/ppl", final.get("ppl", last("val/ppl")))
+    kl = s.get("lm/kl_to_teacher", final.get("kl_to_teacher", last("val/kl_to_teacher")))
+    acc = s.get("multiple_choice/acc", last("hella") or last("eval/acc") or last("val/mc_acc"))
+    acc_norm = s.get("multiple_choice/acc_norm", last("eval/acc_norm") or last("val/mc_acc_norm"))
     tps = s.get("tokens_per_second", last("train/tokens_per_second"))
     params = s.get("params")
 
@@ -133,6 +145,8 @@ def write_comparison_report(runs: list[str], out: str | Path, *, chance: float |
                     label = run["name"] if key in ("train", "val") else f"{run['name']} {key}"
                     ys = smooth([y for _, y in points], smooth_window) if key == "train" else [y for _, y in points]
                     series[label] = list(zip([x for x, _ in points], ys))
+        if series and logy and not spans_decade(series):
+            return  # a log axis over less than a decade only distorts; the linear plot says it all
         if series:
             plot_curves(series, out / filename, title=title, ylabel=ylabel, logy=logy, hlines=refs,
                         markers=not key_filter("train"))
@@ -166,6 +180,12 @@ def write_comparison_report(runs: list[str], out: str | Path, *, chance: float |
     eval_keys = lambda k: k in ("hella", "eval/acc", "eval/acc_norm") or k.startswith(("val/mc_", "mc"))  # noqa: E731
     plotted = len(plots)
     plot(eval_keys, "eval_accuracy.png", "Evaluation accuracy over steps", "accuracy", refs=refs)
+    finals = {r["name"]: _final_accuracy(r) for r in loaded}
+    if len(plots) == plotted and any(v is not None for v in finals.values()):
+        # Only final accuracies (eval rows of `distil eval --run` or a demo): one bar per run, references beside.
+        plot_bars({k: float("nan") if v is None else v for k, v in finals.items()}, out / "final_accuracy.png",
+                  title="Final multiple-choice accuracy", ylabel="accuracy", hlines=refs)
+        plots.append(("Final multiple-choice accuracy", "final_accuracy.png"))
     if baselines and len(plots) == plotted:
         notes.append(f"--baseline {', '.join(baselines)} not shown: none of the runs has an accuracy metric to "
                      "compare it with.")

@@ -73,4 +73,4 @@ def shared_vocab(student_vocab: int, teacher_vocab: int) -> int:
 
 # `distil study`: experiment and budget names (the CLI's choices; the experiments live in distil/study.py).
 STUDY_EXPERIMENTS = ("mixer-state", "init", "loss", "zero-shot-vs-progressive", "placement", "tiny-kd")
-STUDY_BUDGETS = ("quick", "full")
+STUDY_BUDGETS = ("quick", "full", "smoke")

@@ -47,6 +47,7 @@ from distil.data.dataset import build_data
 from distil.data.tokenize import load_tokenizer
 from distil.demo import narrator
 from distil.errors import DistilError
+from distil.eval.compare import judge
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
 from distil.fsutil import atomic_write_text
@@ -91,6 +92,10 @@ BUDGETS = {
     "quick": Budget("quick", corpus_chars=200_000, seq_len=64, k=32, seeds=2, batch_size=4, steps=40, lr=1e-3,
                     placement_steps=30, tiny_student=(320, 4, 5), tiny_steps=100, tiny_batch_size=8, tiny_lr=3e-3,
                     val_windows=16, val_every=10, mc_items=40, calibration_windows=16),
+    # Seconds: checks that every experiment runs end to end (tests, the README check). Its verdicts mean nothing.
+    "smoke": Budget("smoke", corpus_chars=40_000, seq_len=32, k=8, seeds=2, batch_size=2, steps=4, lr=1e-3,
+                    placement_steps=2, tiny_student=(32, 1, 2), tiny_steps=2, tiny_batch_size=2, tiny_lr=3e-3,
+                    val_windows=4, val_every=2, mc_items=6, calibration_windows=4, mixer_chunk=16),
     # For a GPU: longer windows, more data, steps and seeds.
     "full": Budget("full", corpus_chars=3_000_000, seq_len=512, k=64, seeds=3, batch_size=16, steps=400, lr=5e-4,
                    placement_steps=400, tiny_student=(384, 6, 6), tiny_steps=2000, tiny_batch_size=32, tiny_lr=2e-3,
@@ -118,69 +123,6 @@ class Check:
     def result(self) -> dict:
         return judge(self.a, self.b, kind=self.kind, tolerance=self.tolerance, a_label=self.a_label,
                      b_label=self.b_label)
-
-
-def judge(a: list[float], b: list[float], *, kind: str = "less", tolerance: float = 0.02, a_label: str = "a",
-          b_label: str = "b") -> dict:
-    """Verdict for the finding "a is lower than b" (``kind="less"``) or "a reaches b" (``"not_worse"``).
-
-    ``d_i = b_i - a_i`` per seed (positive: a better); mean ``m`` and standard error ``se`` (sample
-    standard deviation / sqrt(n)); ``tol = tolerance * mean(b)`` is the smallest difference that
-    counts. With fewer than 2 seeds there is no spread: inconclusive.
-
-    * ``less``: **reproduced** when every d_i > 0 and m > 2 se and m > tol; **not reproduced** when
-      every d_i < 0 and -m > 2 se (b is better), or when |m| + 2 se < tol (no difference);
-      otherwise inconclusive.
-    * ``not_worse``: **reproduced** when m - 2 se > -tol (a is at worst tol behind; or ahead);
-      **not reproduced** when every d_i < 0 and -m > 2 se and -m > tol (a stays behind); otherwise
-      inconclusive.
-
-    ``why`` is written from the rule that fired and the numbers it fired on (``rule`` names it).
-    """
-    if len(a) != len(b) or not a:
-        raise DistilError("judge needs the same number (>= 1) of paired values on both sides")
-    d = [y - x for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    se = statistics.stdev(d) / math.sqrt(n) if n > 1 else math.nan
-    a_mean, b_mean = sum(a) / n, sum(b) / n
-    tol = tolerance * abs(b_mean)
-    out = {"diff": mean, "se": se, "n": n, "tol": tol, "a_mean": a_mean, "b_mean": b_mean}
-
-    def said(verdict: str, rule: str, why: str) -> dict:
-        return {**out, "verdict": verdict, "rule": rule, "why": why}
-
-    lower, higher = (a_label, b_label) if mean > 0 else (b_label, a_label)
-    apart = f"{min(a_mean, b_mean):.4g} against {max(a_mean, b_mean):.4g}, {higher} " \
-            f"{abs(mean) / max(abs(min(a_mean, b_mean)), 1e-12):.0%} higher"
-    spread = f"2 SE = {2 * se:.3g}"
-    if n < 2:
-        return said("inconclusive", "one_seed", "one seed: no run-to-run spread")
-    if kind == "less":
-        if all(x > 0 for x in d) and mean > 2 * se and mean > tol:
-            return said("reproduced", "better", f"{a_label} lower on every seed ({apart}), beyond {spread} "
-                        f"and the {tolerance:.0%} threshold")
-        if all(x < 0 for x in d) and -mean > 2 * se:
-            return said("not reproduced", "opposite", f"the opposite: {b_label} lower on every seed ({apart}), "
-                        f"beyond {spread}")
-        if abs(mean) + 2 * se < tol:
-            return said("not reproduced", "no_difference", f"no difference: |diff| + 2 SE = {abs(mean) + 2 * se:.3g}, "
-                        f"under {tolerance:.0%} of {b_label} ({tol:.3g})")
-        return said("inconclusive", "within_spread", f"diff {mean:+.3g} against {spread}"
-                    + ("" if len({x > 0 for x in d}) == 1 else "; the seeds disagree in sign"))
-    if kind == "not_worse":
-        if mean - 2 * se > 0:
-            where = "on every seed" if all(x > 0 for x in d) else "on average"
-            return said("reproduced", "ahead", f"{a_label} ahead {where} ({apart}), beyond {spread}")
-        if mean - 2 * se > -tol:
-            return said("reproduced", "within_tolerance", f"{a_label} at worst {-(mean - 2 * se):.3g} behind "
-                        f"(diff - 2 SE), under {tolerance:.0%} of {b_label} ({tol:.3g})")
-        if all(x < 0 for x in d) and -mean > 2 * se and -mean > tol:
-            return said("not reproduced", "behind", f"{a_label} behind on every seed ({apart}), beyond {spread} "
-                        f"and the {tolerance:.0%} threshold")
-        return said("inconclusive", "within_spread", f"diff {mean:+.3g} against {spread}"
-                    + ("" if len({x > 0 for x in d}) == 1 else "; the seeds disagree in sign"))
-    raise DistilError(f"unknown check kind {kind!r}")
 
 
 def overall(results: list[dict]) -> str:

@@ -32,6 +32,9 @@ def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Pat
         raise DistilError("nothing to evaluate: give --data (loss/perplexity), --mc (multiple choice) or --lm-eval TASKS")
     if run and not Path(run).is_dir():  # checked before the work, so none of it is lost
         raise DistilError(f"run folder not found: {run}")
+    for flag, path in (("--data", data), ("--mc", mc)):  # named as the user typed them, before the model loads
+        if path and not Path(path).is_file():
+            raise DistilError(f"{flag} {path}: no such file")
     lm = load(model).eval()
     tokenizer_path = tokenizer or model
     if not has_tokenizer(tokenizer_path):

@@ -343,3 +343,44 @@ def hybridize(model: TransformerLM, ssm_layers, mixer: str = "mamba2", init: str
     new.config.pattern = "".join(pattern)
     new.config.ssm = {**cfg.ssm, letter: settings} if letter in pattern else dict(cfg.ssm)
     return new
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def size_difference(teacher: TransformerLM, hybrid: TransformerLM) -> dict:
+    """Why a hybrid's parameter count differs from its teacher's, from its first converted layer.
+
+    Returns ``{"teacher", "hybrid", "layers", "attention", "mixer", "parts", "why"}``: total counts,
+    the number of converted layers, one attention block's and one SSM mixer's parameters, the
+    mixer's parts (name -> count) and a sentence naming what the SSM has that attention has not.
+    """
+    converted = [i for i, (a, b) in enumerate(zip(teacher.config.pattern, hybrid.config.pattern)) if a == "A" != b]
+    out = {"teacher": teacher.num_parameters(), "hybrid": hybrid.num_parameters(), "layers": len(converted)}
+    if not converted:
+        return {**out, "attention": 0, "mixer": 0, "parts": {}, "why": "no layer was converted"}
+    i = converted[0]
+    attention, mixer = teacher.layers[i].self_attn, hybrid.layers[i].mamba
+    d = mixer.d_model
+    if isinstance(mixer, Mamba2Mixer):
+        bc = 2 * mixer.n_groups * mixer.d_state * d
+        parts = {"z gate": mixer.d_inner * d, "x (from W_V)": mixer.d_inner * d, "B, C (from W_K, W_Q)": bc,
+                 "dt": mixer.n_heads * d, "conv1d": _count(mixer.conv1d),
+                 "A, D, dt bias, norm": mixer.A_log.numel() + mixer.D.numel() + mixer.dt_bias.numel() + _count(mixer.norm),
+                 "out (from W_O)": _count(mixer.out_proj)}
+    else:
+        x_bc = mixer.conv_dim * d
+        parts = {"x, B, C (from W_V, W_K, W_Q)": x_bc, "z gate": mixer.d_inner * d + mixer.z_bias.numel(),
+                 "A (per head)": mixer.in_proj.weight.shape[0] * d - x_bc - mixer.d_inner * d,
+                 "conv1d": _count(mixer.conv1d), "D": mixer.D.numel(), "out (from W_O)": _count(mixer.out_proj)}
+    n_attn, n_mixer = _count(attention), _count(mixer)
+    copied = sum(v for k, v in parts.items() if "(from" in k)
+    new = {k: v for k, v in parts.items() if "(from" not in k}
+    cfg = teacher.config
+    why = (f"each SSM mixer has {n_mixer:,} parameters against the attention's {n_attn:,} ({n_mixer - n_attn:+,} per "
+           f"converted layer, {len(converted)} layers): the parts MIL copies from attention take {copied:,} "
+           f"({copied - n_attn:+,}; x is {mixer.d_inner} wide where V is {cfg.n_kv_heads * cfg.head_dim}, and B, C hold "
+           f"state {mixer.d_state} where K, Q hold head_dim {cfg.head_dim}), and "
+           + ", ".join(f"{k} {v:,}" for k, v in new.items()) + " have no attention counterpart")
+    return {**out, "attention": n_attn, "mixer": n_mixer, "parts": parts, "why": why}

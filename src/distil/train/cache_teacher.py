@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
         with atomic_dir(out / "tokenizer", overwrite=True) as tmp:
             tokenizer.save_pretrained(str(tmp))
     start = writer.next_sequence
+    log.info("%s", cache_plan(cfg, len(windows), start))
     bar = tqdm(total=len(windows) * cfg.data.seq_len, initial=start * cfg.data.seq_len, unit="tok", unit_scale=True,
                desc="cache-teacher", disable=not progress, dynamic_ncols=True)
     pending: collections.deque = collections.deque()
@@ -111,7 +113,12 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
                 index = np.arange(first, min(first + batch_size, len(windows)))
                 batch = batch_tensors(windows, data.train_doc_ids, index, info.device,
                                       document_attention=cfg.data.document_attention)
+                began = time.perf_counter()
                 ids, logprobs, tail = teacher.signal(batch, request)
+                if first == start:  # the first batch's speed gives the estimate (tqdm keeps an ETA after)
+                    rate = len(index) * cfg.data.seq_len / max(time.perf_counter() - began, 1e-9)
+                    log.info("the teacher runs at about %.0f tokens/s: about %s for the %d windows left",
+                             rate, _minutes((len(windows) - start) * cfg.data.seq_len / rate), len(windows) - start)
                 ids, logprobs, tail = ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy()
                 check_logprobs(logprobs, f"teacher output for sequences {index[0]}..{index[-1]}", ids >= 0)
                 rows = [(np.asarray(windows[sequence], dtype=np.int64), ids[row], logprobs[row], tail[row])
@@ -135,6 +142,26 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
     log.info("cache written to %s: %d sequences, %d tokens, %.1f bytes/token", out, manifest.num_sequences,
              manifest.num_tokens, manifest.bytes / max(1, manifest.num_tokens))
     return manifest
+
+
+def cache_plan(cfg: Config, windows: int, done: int = 0) -> str:
+    """The line cache-teacher says before it starts: what it caches, and what a run of ``cfg`` reads.
+
+    The cache covers every training window because a run draws its batches from all of them (the
+    order depends on the seed and the epoch), so a short run reads only part of it."""
+    total = windows * cfg.data.seq_len
+    reads = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    text = (f"caching the teacher over all {windows:,} training windows ({total:,} tokens"
+            + (f"; {done:,} windows already done" if done else "") + f"); a run of this config reads {reads:,} tokens "
+            "(train.steps x batch_size x grad_accum x seq_len), drawn from all of them")
+    if reads < total // 2:
+        text += (f": {reads / total:.0%} of the cache. Fewer documents (data.max_docs) make a smaller cache and a "
+                 "shorter wait")
+    return text
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _encode(tokens, ids, logprobs, tail, vocab_size, encoding, level, id_rank):
