@@ -128,7 +128,7 @@ def test_real_teacher_demo_pipeline(tmp_path):
 
     settings = RealDemoSettings(corpus_chars=16_000, val_fraction=0.3, seq_len=64, batch_size=2, k=8, student=(32, 1, 2),
                                 student_steps=2, hybrid_steps=1, hybrid_batch_size=2, val_windows=2, mc_items=4,
-                                val_every=1)
+                                val_every=1, decode_tokens=2, decode_context=8)
     out = run_real_demo(tmp_path / "demo", settings=settings, progress=False)
     assert set(out["results"]) == {"teacher", "ce", "forward_kl", "reverse_kl"}
     report = (tmp_path / "demo" / "report.md").read_text()
@@ -140,3 +140,17 @@ def test_real_teacher_demo_pipeline(tmp_path):
     assert len(hybrids["ssm_layers"]) == 15
     assert hybrids["mil"]["kl_before"] < hybrids["random"]["kl_before"]  # calibrated MIL starts closer
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["complete"] is True
+    # One seed per student: the report ranks none; sizes, decode speed and plots as the toy demo's.
+    assert "No student is ranked: one seed" in report
+    assert "134.52M" in report and "have no attention counterpart" in report
+    assert len(hybrids["mil"]["decode_tokens_per_second"]) == len(hybrids["teacher_decode_tokens_per_second"]) == 5
+    assert "decode tokens/s: median (range of 5 runs)" in report
+    from distil.charts import curves_figure, figure_problems
+    from distil.demo_real import real_demo_plots
+
+    plots = real_demo_plots(out["results"], hybrids, {k: [] for k in ("ce", "forward_kl", "reverse_kl")}, 2)
+    assert "50% hybrid, mil init" in plots["val_loss.png"]["series"] and "teacher (SmolLM2-135M)" in plots["val_loss.png"]["hlines"]
+    for spec in plots.values():
+        assert figure_problems(curves_figure(**spec)) == []
+    for png in ("val_loss.png", "kl_to_teacher.png"):
+        assert (tmp_path / "demo" / "plots" / png).stat().st_size > 1000

