@@ -80,6 +80,14 @@ def test_every_arm_ran_every_seed_and_scored(study):
     assert arms["init"]["arms"]["MIL"][0]["trainable"] < arms["tiny-kd"]["arms"]["CE"][0]["trainable"] * 10
     prog, one = arms["zero-shot-vs-progressive"]["arms"]["progressive"], arms["zero-shot-vs-progressive"]["arms"]["one-shot"]
     assert prog[0]["ssm_layers"] == one[0]["ssm_layers"] and prog[0]["steps"] == one[0]["steps"]
+    # `distil report` over an arm's first-seed folder shows its held-out loss, MC accuracy and KL.
+    from distil.report import _summary_row, read_run_series
+
+    folders = [p.parent for p in (out / "runs").glob("*/arm.json") if "mc_acc" in json.loads(p.read_text())]
+    assert len(folders) >= len(EXPERIMENTS)
+    for folder in folders:
+        row = _summary_row(read_run_series(folder))
+        assert "-" not in (row[1], row[3], row[5]), (folder.name, row)  # held-out loss, MC accuracy, KL
     # The shared arm (Mamba2 state 16, MIL, reverse KL) is one run, reused by three experiments.
     assert arms["init"]["arms"]["MIL"] == arms["mixer-state"]["arms"]["m2 state 16"] == arms["loss"]["arms"]["reverse KL"]
 

@@ -45,7 +45,7 @@ from distil.config import config_from_dict
 from distil.data.corpus import sample_documents
 from distil.data.dataset import build_data
 from distil.data.tokenize import load_tokenizer
-from distil.demo import narrator
+from distil.demo import log_final, narrator
 from distil.errors import DistilError
 from distil.eval.compare import judge
 from distil.eval.multiple_choice import continuation_items, score_multiple_choice
@@ -239,6 +239,7 @@ class Lab:
         if seed == 0:  # multiple choice on each arm's first seed (its cost is a forward over every choice)
             mc = score_multiple_choice(model, self.tokenizer, self.mc_items, batch_size=16)
             record.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"], "mc_items": mc["n"]})
+            log_final(folder, {}, mc)  # as eval rows too: `distil report` over the arm folders shows them
         if not keep:
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # 0.5 GB each at 135M; the numbers stay
         atomic_write_text(folder / "arm.json", json.dumps(record, indent=2))
