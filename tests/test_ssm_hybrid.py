@@ -192,6 +192,52 @@ def test_calibrated_mil_opens_the_gate_and_matches_each_heads_output_scale(mixer
         assert torch.allclose(torch.nn.functional.silu(ssm.z_bias), torch.ones(()))
 
 
+def test_size_matched_mil_has_one_ssm_head_per_kv_head_and_is_not_larger():
+    """width="kv": under grouped-query attention the mixer is no larger than the attention it
+    replaces; x and B come from each KV head, C is the mean of its query heads' W_Q, and the output
+    columns the sum of their W_O columns."""
+    from distil.hybrid.mil import calibrate, size_difference
+
+    teacher = _teacher()  # 4 query heads, 2 KV heads, head_dim 12
+    tokens = torch.randint(0, 61, (4, 24))
+    small = hybridize(teacher, [1, 2], d_state=6, chunk_size=8, init="mil_plain", width="kv")
+    big = hybridize(teacher, [1, 2], d_state=6, chunk_size=8, init="mil_plain")
+    assert small.num_parameters() < teacher.num_parameters() < big.num_parameters()
+    size = size_difference(teacher, small)
+    assert size["mixer"] < size["attention"] and size["layers"] == 2
+    attn, ssm = teacher.layers[1].self_attn, small.layers[1].mamba
+    assert (ssm.d_inner, ssm.n_heads, ssm.n_groups) == (24, 2, 2)
+    w, hd = ssm.in_proj.weight, 12
+    x_off, b_off = ssm.d_inner, 2 * ssm.d_inner
+    c_off = b_off + 2 * 6
+    for g in range(2):
+        assert torch.equal(w[x_off + g * hd : x_off + (g + 1) * hd], attn.v_proj.weight[g * hd : (g + 1) * hd])
+        assert torch.equal(w[b_off + g * 6 : b_off + (g + 1) * 6], attn.k_proj.weight[g * hd : g * hd + 6])
+        q = attn.q_proj.weight
+        torch.testing.assert_close(w[c_off + g * 6 : c_off + (g + 1) * 6],
+                                   (q[2 * g * hd : 2 * g * hd + 6] + q[(2 * g + 1) * hd : (2 * g + 1) * hd + 6]) / 2)
+        o = attn.o_proj.weight
+        torch.testing.assert_close(ssm.out_proj.weight[:, g * hd : (g + 1) * hd],
+                                   o[:, 2 * g * hd : (2 * g + 1) * hd] + o[:, (2 * g + 1) * hd : (2 * g + 2) * hd])
+    # Calibrated: each SSM head's output at the mean RMS of the query heads it stands for.
+    calib = calibrate(teacher, tokens, [1])
+    ssm = hybridize(teacher, [1], d_state=6, chunk_size=8, calibration=calib, width="kv").layers[1].mamba
+    captured = []
+    ssm.out_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        ssm(calib[1].inputs)
+    head_rms = captured[0].unflatten(-1, (2, hd)).pow(2).mean(-1).sqrt().reshape(-1, 2).mean(0)
+    torch.testing.assert_close(head_rms, calib[1].head_rms.reshape(2, 2).mean(1), rtol=1e-4, atol=1e-6)
+    # A model without grouped-query attention gets the usual layout either way.
+    mha = TransformerLM(ModelConfig(vocab_size=61, d_model=48, n_layers=2, n_heads=4))
+    assert hybridize(mha, [1], d_state=6, chunk_size=8, init="mil_plain", width="kv").num_parameters() == \
+        hybridize(mha, [1], d_state=6, chunk_size=8, init="mil_plain").num_parameters()
+    with pytest.raises(DistilError, match="mamba2 only"):
+        hybridize(teacher, [1], mixer="discrete_mamba2", init="mil_plain", width="kv")
+    with pytest.raises(DistilError, match="leave expand unset"):
+        hybridize(teacher, [1], init="mil_plain", width="kv", expand=2.0)
+
+
 def test_mil_needs_calibration_text():
     with pytest.raises(DistilError, match="calibration"):
         hybridize(_teacher(), [1])
@@ -266,6 +312,10 @@ def test_native_save_load_of_hybrids_is_exact(tmp_path):
 
 def test_export_round_trip_through_transformers(tmp_path):
     teacher = _teacher()
+    # The size-matched layout (width kv) is narrower than d_model: GraniteMoeHybrid cannot hold it.
+    narrow = hybridize(teacher, [0, 2], d_state=8, chunk_size=8, init="mil_plain", width="kv")
+    with pytest.raises(DistilError, match="size-matched width 'kv' is narrower than d_model"):
+        export_hf(narrow, tmp_path / "narrow")
     hybrid = hybridize(teacher, [0, 2], d_state=8, chunk_size=8, init="mil_plain").eval()
     _perturb(hybrid.layers[0].mamba, 0.05)
     assert export_hf(hybrid, tmp_path / "hybrid") == "GraniteMoeHybridForCausalLM"

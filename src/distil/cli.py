@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-state", type=at_least(1), default=default_of(HybridConfig, "d_state"),
                    help="SSM state size per head (default: %(default)s)")
     p.add_argument("--expand", type=positive_float, help="d_inner / d_model (default: n_heads * head_dim / d_model)")
+    p.add_argument("--width", choices=["heads", "kv"], default="heads",
+                   help="heads (default): one SSM head per attention head; kv: one per KV head, the size-matched "
+                   "layout (mamba2; not larger than the attention it replaces under grouped-query attention)")
     p.add_argument("--chunk-size", type=at_least(1), default=128, help="SSD scan chunk length (default: 128)")
     p.add_argument("--data", help="text/JSONL to score layers and calibrate MIL on (default: the embedded corpus)")
     p.add_argument("--samples", type=at_least(1), default=16, help="sequences used to score layers and calibrate (default: 16)")
@@ -448,10 +451,11 @@ def cmd_hybridize(args) -> None:
         selection = select_layers(model, len(layers), layers)
     else:
         selection = select_layers(model, args.num_ssm, args.placement, data, score=args.score, mixer=args.mixer,
-                                  d_state=args.d_state, expand=args.expand, chunk_size=args.chunk_size, progress=True)
+                                  d_state=args.d_state, expand=args.expand, width=args.width, chunk_size=args.chunk_size,
+                                  progress=True)
     with torch.no_grad():
         hybrid = hybridize(model, selection.ssm_layers, mixer=args.mixer, init=args.init, d_state=args.d_state,
-                           expand=args.expand, chunk_size=args.chunk_size, calibration=data)
+                           expand=args.expand, width=args.width, chunk_size=args.chunk_size, calibration=data)
     alignment = _align_hybridized(hybrid, model, data, selection.ssm_layers, args) if args.align_steps else None
     save_native(hybrid, args.out, tokenizer=tokenizer, overwrite=True)
     selection.save(Path(args.out) / "layer_scores.json")

@@ -337,6 +337,7 @@ class HybridConfig:
     init: Literal["mil", "mil_plain", "random"] = "mil"  # mil: calibrated, from the attention weights
     d_state: int = 16
     expand: float | None = None  # d_inner / d_model; None: n_heads * head_dim / d_model
+    width: Literal["heads", "kv"] = "heads"  # kv: one SSM head per KV head, the size-matched layout (mamba2)
     chunk_size: int = 128  # SSD scan chunk
     align: AlignConfig = field(default_factory=AlignConfig)  # stage 2: layer alignment before each stage's KD
 

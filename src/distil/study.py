@@ -163,7 +163,7 @@ class Lab:
         if not (self.cache / "manifest.json").is_file():  # complete caches are kept; a partial one is finished
             say(f"running the teacher once over the training windows (top-{b.k} into {self.cache.name}/)")
             write_cache(base, self.cache, k=b.k, progress=progress, teacher=ModelTeacher(self.model, name=teacher_path),
-                        tokenizer=self.tokenizer, data=self.data)
+                        tokenizer=self.tokenizer, data=self.data, plan=False)
         scores_path = out / "layer_scores.json"
         if scores_path.is_file():
             self.scores = {int(k): v for k, v in json.loads(scores_path.read_text())["scores"].items()}

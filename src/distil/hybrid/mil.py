@@ -46,6 +46,15 @@ product); with a larger one the extra C rows start random and the extra B rows a
 extra state dimensions add nothing until trained. Biases of q/k/v (Qwen2) are dropped: the SSM's
 ``in_proj`` has none.
 
+**Size.** That layout is larger than the attention it replaces when the model uses grouped-query
+attention: x is ``n_heads * head_dim`` wide where V is ``n_kv_heads * head_dim``, and the gate z
+and the step sizes dt have no attention counterpart (SmolLM2-135M: 1.17M parameters per mixer
+against 0.88M). ``width="kv"`` builds the size-matched layout instead: one SSM head and one B/C
+group per KV head (``d_inner = n_kv_heads * head_dim``), x from that head's W_V, B from its W_K,
+C from the mean of the W_Q of the query heads that share it, and its output columns the sum of
+their W_O columns (each query head's output approximated by the group's one SSM head); SmolLM2:
+0.39M per mixer. :func:`size_difference` accounts for the difference either way.
+
 ``hybridize(model, [])`` returns an exact copy: the logits equal the teacher's.
 """
 
@@ -63,12 +72,22 @@ from distil.models.ssm import DiscreteMamba2Mixer, Mamba2Mixer
 from distil.models.transformer import Block, TransformerLM
 
 MIXERS = {"mamba2": "M", "discrete_mamba2": "D"}
+WIDTHS = ("heads", "kv")  # SSM heads per attention head, or per KV head (the size-matched layout)
 
 
 def ssm_settings(model: TransformerLM, mixer: str, *, d_state: int, expand: float | None, d_conv: int,
-                 chunk_size: int) -> dict:
+                 chunk_size: int, width: str = "heads") -> dict:
     """Keyword arguments of the SSM mixer that replaces an attention layer of ``model``."""
     cfg = model.config
+    if width not in WIDTHS:
+        raise DistilError(f"width {width!r} should be one of {', '.join(WIDTHS)}")
+    if width == "kv":
+        if expand is not None:
+            raise DistilError("width 'kv' fixes d_inner = n_kv_heads * head_dim; leave expand unset")
+        if mixer != "mamba2":
+            raise DistilError("width 'kv' (the size-matched layout) is built for mamba2 only")
+        return dict(d_state=d_state, d_inner=cfg.n_kv_heads * cfg.head_dim, head_dim=cfg.head_dim,
+                    n_groups=cfg.n_kv_heads, d_conv=d_conv, chunk_size=chunk_size, norm_eps=cfg.rms_norm_eps)
     attn_inner = cfg.n_heads * cfg.head_dim
     d_inner = attn_inner if expand is None else int(expand * cfg.d_model)
     if d_inner % attn_inner:
@@ -108,6 +127,11 @@ def mil_init(mixer: nn.Module, attention: nn.Module, cfg, calib: LayerCalibratio
         x_off, b_off = 0, mixer.d_inner  # [x | B | C | z | A~]
     else:  # pragma: no cover
         raise TypeError(type(mixer))
+    if ssm_heads < n_heads:  # width "kv": one SSM head (and B/C group) per KV head
+        _mil_per_kv_head(mixer, W_q, W_k, W_v, W_o, n_heads, n_kv, head_dim)
+        if calib is not None:
+            _calibrate_mamba2(mixer, calib, n_heads, head_dim)
+        return
     c_off = b_off + n_heads * d_state
     mixer.out_proj.weight.zero_()
     for h in range(n_heads):
@@ -125,6 +149,29 @@ def mil_init(mixer: nn.Module, attention: nn.Module, cfg, calib: LayerCalibratio
     # set above, so the layer computes the MIL mapping at initialisation.
     if calib is not None:
         (_calibrate_mamba2 if isinstance(mixer, Mamba2Mixer) else _calibrate_discrete)(mixer, calib, n_heads, head_dim)
+
+
+@torch.no_grad()
+def _mil_per_kv_head(mixer, W_q, W_k, W_v, W_o, n_heads: int, n_kv: int, head_dim: int) -> None:
+    """The size-matched MIL layout (Mamba2, ``n_groups = n_kv`` heads): KV head g gives x (W_V) and
+    B (W_K); C is the mean of the W_Q of its query heads; the output columns are the sum of theirs."""
+    if mixer.n_heads != n_kv or mixer.n_groups != n_kv:
+        raise DistilError(f"the size-matched layout needs {n_kv} SSM heads and groups, got {mixer.n_heads} and "
+                          f"{mixer.n_groups}")
+    per, d_state, in_w = n_heads // n_kv, mixer.d_state, mixer.in_proj.weight
+    x_off, b_off = mixer.d_inner, 2 * mixer.d_inner
+    c_off = b_off + n_kv * d_state
+    rows = min(d_state, head_dim)
+    for g in range(n_kv):
+        heads = range(g * per, (g + 1) * per)
+        in_w[x_off + g * head_dim : x_off + (g + 1) * head_dim] = _head_rows(W_v, g, head_dim, head_dim)
+        in_w[b_off + g * d_state : b_off + g * d_state + rows] = _head_rows(W_k, g, head_dim, rows)
+        in_w[c_off + g * d_state : c_off + g * d_state + rows] = torch.stack(
+            [_head_rows(W_q, h, head_dim, rows) for h in heads]).mean(0)
+        if d_state > head_dim:
+            in_w[b_off + g * d_state + head_dim : b_off + (g + 1) * d_state] = 0.0
+        mixer.out_proj.weight[:, g * head_dim : (g + 1) * head_dim] = sum(
+            W_o[:, h * head_dim : (h + 1) * head_dim] for h in heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,9 +291,11 @@ def _match_head_scale(mixer, calib: LayerCalibration, n_heads: int, head_dim: in
     finally:
         hook.remove()
     ssm_heads = mixer.d_inner // head_dim
-    ratio = ssm_heads // n_heads
     rms = torch.cat(captured).unflatten(-1, (ssm_heads, head_dim)).pow(2).mean(-1).sqrt().reshape(-1, ssm_heads).mean(0)
-    target = calib.head_rms.repeat_interleave(ratio)  # every SSM head of a group takes its attention head's scale
+    if ssm_heads < n_heads:  # size-matched: one SSM head per KV group takes the mean scale of its query heads
+        target = calib.head_rms.reshape(ssm_heads, n_heads // ssm_heads).mean(1)
+    else:  # every SSM head of a group takes its attention head's scale
+        target = calib.head_rms.repeat_interleave(ssm_heads // n_heads)
     scale = (target / rms.clamp_min(1e-12)).to(mixer.in_proj.weight)
     if scale_norm:
         mixer.norm.weight.copy_(scale.repeat_interleave(head_dim))
@@ -268,10 +317,12 @@ INITS = ("mil", "mil_plain", "random")
 
 
 def fresh_mil_mixer(model: TransformerLM, layer: int, mixer: str, calib: LayerCalibration | None, *, d_state: int = 16,
-                    expand: float | None = None, d_conv: int = 4, chunk_size: int = 128) -> nn.Module:
+                    expand: float | None = None, d_conv: int = 4, chunk_size: int = 128,
+                    width: str = "heads") -> nn.Module:
     """The SSM mixer that would replace attention layer ``layer`` of ``model`` (MIL, calibrated when
     ``calib`` is given), built alone: the model is not copied."""
-    settings = ssm_settings(model, mixer, d_state=d_state, expand=expand, d_conv=d_conv, chunk_size=chunk_size)
+    settings = ssm_settings(model, mixer, d_state=d_state, expand=expand, d_conv=d_conv, chunk_size=chunk_size,
+                            width=width)
     param = next(model.parameters())
     built = _fresh_mixer(MIXERS[mixer], model.config.d_model, settings, param.device, param.dtype)
     mil_init(built, model.layers[layer].self_attn, model.config, calib)
@@ -280,7 +331,7 @@ def fresh_mil_mixer(model: TransformerLM, layer: int, mixer: str, calib: LayerCa
 
 def hybridize(model: TransformerLM, ssm_layers, mixer: str = "mamba2", init: str = "mil", *, d_state: int = 16,
               expand: float | None = None, d_conv: int = 4, chunk_size: int = 128, seed: int = 0,
-              attention_from: TransformerLM | None = None,
+              attention_from: TransformerLM | None = None, width: str = "heads",
               calibration: torch.Tensor | dict[int, LayerCalibration] | None = None) -> TransformerLM:
     """A copy of ``model`` whose layers ``ssm_layers`` use an SSM mixer instead of attention.
 
@@ -288,7 +339,8 @@ def hybridize(model: TransformerLM, ssm_layers, mixer: str = "mamba2", init: str
     the attention weights of ``attention_from`` (same shapes; default ``model`` itself), so that a
     progressive stage can take MIL from the original model while the rest comes from the last stage.
     ``init="mil"`` needs ``calibration``: token ids [n, seq] of any text (1-4k tokens suffice), or
-    the result of :func:`calibrate` on ``attention_from``.
+    the result of :func:`calibrate` on ``attention_from``. ``width="kv"`` builds the size-matched
+    Mamba2 layout (one SSM head per KV head; the module docstring's **Size**).
     """
     if init not in INITS:
         raise DistilError(f"init {init!r} should be one of {', '.join(INITS)}")
@@ -305,7 +357,8 @@ def hybridize(model: TransformerLM, ssm_layers, mixer: str = "mamba2", init: str
     if bad:
         raise DistilError(f"layers {bad} are out of range for a {cfg.n_layers}-layer model")
     letter = MIXERS[mixer]
-    settings = ssm_settings(model, mixer, d_state=d_state, expand=expand, d_conv=d_conv, chunk_size=chunk_size)
+    settings = ssm_settings(model, mixer, d_state=d_state, expand=expand, d_conv=d_conv, chunk_size=chunk_size,
+                            width=width)
     existing = cfg.ssm.get(letter)
     if existing is not None and existing != settings and any(cfg.pattern[i] == letter for i in range(cfg.n_layers)):
         raise DistilError(f"the model's {mixer} layers use {existing}; new ones would use {settings}")

@@ -27,6 +27,17 @@ from distil.fsutil import atomic_dir
 from distil.models.hf import _set_rope, hf_state_dict, save_hf
 
 
+def _expand(d_inner: int, d_model: int) -> int:
+    """GraniteMoeHybrid's ``mamba_expand``: an integer (the config refuses a float), its Mamba layer
+    ``mamba_expand * hidden_size`` wide."""
+    if d_inner % d_model:
+        narrower = " (the size-matched width 'kv' is narrower than d_model)" if d_inner < d_model else ""
+        raise DistilError(f"Mamba2 d_inner = {d_inner} is not a whole multiple of d_model = {d_model}{narrower}, "
+                          "which GraniteMoeHybrid's integer mamba_expand requires; keep this hybrid in distil's "
+                          "native format")
+    return d_inner // d_model
+
+
 def granite_config_for(model):
     import transformers
 
@@ -47,11 +58,8 @@ def granite_config_for(model):
     d_inner = ssm.get("d_inner") or int(ssm.get("expand", 2) * cfg.d_model)
     mamba = dict(mamba_n_heads=d_inner // ssm.get("head_dim", 64), mamba_n_groups=ssm.get("n_groups", 1),
                  mamba_d_state=ssm.get("d_state", 128), mamba_d_head=ssm.get("head_dim", 64),
-                 mamba_d_conv=ssm.get("d_conv", 4), mamba_expand=d_inner // cfg.d_model,
+                 mamba_d_conv=ssm.get("d_conv", 4), mamba_expand=_expand(d_inner, cfg.d_model),
                  mamba_chunk_size=ssm.get("chunk_size", 256), mamba_conv_bias=True, mamba_proj_bias=False)
-    if d_inner % cfg.d_model:
-        raise DistilError(f"Mamba2 d_inner = {d_inner} is not a whole multiple of d_model = {cfg.d_model}, "
-                          "which GraniteMoeHybrid's integer mamba_expand requires")
     hf = transformers.GraniteMoeHybridConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.intermediate_size,
         shared_intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,

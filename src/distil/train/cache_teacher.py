@@ -51,8 +51,10 @@ DEFAULT_SHARD_TOKENS = 1 << 22
 
 def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DEFAULT_ENCODING, batch_size: int = 8,
                 workers: int = 2, overwrite: bool = False, level: int = LEVEL, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                progress: bool = True, device: str | None = None, teacher=None, tokenizer=None, data=None) -> Manifest:
-    """Write (or finish) the cache of ``cfg``'s teacher over its training windows into ``out``."""
+                progress: bool = True, device: str | None = None, teacher=None, tokenizer=None, data=None,
+                plan: bool = True) -> Manifest:
+    """Write (or finish) the cache of ``cfg``'s teacher over its training windows into ``out``; with
+    ``plan``, first say what it caches against what a run of ``cfg`` reads (:func:`cache_plan`)."""
     if cfg.teacher.source not in ("model", "api"):
         raise DistilError(f"cache-teacher needs teacher.source 'model' or 'api', not {cfg.teacher.source!r}")
     if batch_size < 1 or workers < 1:
@@ -84,7 +86,8 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
         with atomic_dir(out / "tokenizer", overwrite=True) as tmp:
             tokenizer.save_pretrained(str(tmp))
     start = writer.next_sequence
-    log.info("%s", cache_plan(cfg, len(windows), start))
+    if plan:
+        log.info("%s", cache_plan(cfg, len(windows), start))
     bar = tqdm(total=len(windows) * cfg.data.seq_len, initial=start * cfg.data.seq_len, unit="tok", unit_scale=True,
                desc="cache-teacher", disable=not progress, dynamic_ncols=True)
     pending: collections.deque = collections.deque()
@@ -115,10 +118,10 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
                                       document_attention=cfg.data.document_attention)
                 began = time.perf_counter()
                 ids, logprobs, tail = teacher.signal(batch, request)
-                if first == start:  # the first batch's speed gives the estimate (tqdm keeps an ETA after)
+                if first == start + batch_size:  # the second batch's speed (the first warms up) gives the estimate
                     rate = len(index) * cfg.data.seq_len / max(time.perf_counter() - began, 1e-9)
                     log.info("the teacher runs at about %.0f tokens/s: about %s for the %d windows left",
-                             rate, _minutes((len(windows) - start) * cfg.data.seq_len / rate), len(windows) - start)
+                             rate, _minutes((len(windows) - first) * cfg.data.seq_len / rate), len(windows) - first)
                 ids, logprobs, tail = ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy()
                 check_logprobs(logprobs, f"teacher output for sequences {index[0]}..{index[-1]}", ids >= 0)
                 rows = [(np.asarray(windows[sequence], dtype=np.int64), ids[row], logprobs[row], tail[row])

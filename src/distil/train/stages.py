@@ -61,7 +61,7 @@ def _scores(cfg, run: RunDir, base, data, info, device) -> dict[int, float] | No
     if info.is_main or not torch.distributed.is_initialized():
         log.info("scoring %d attention layers on %d held-out windows (%s)", base.config.pattern.count("A"),
                  len(held_out), h.score)
-        scores = layer_scores(base, held_out, score=h.score, mixer=h.mixer, d_state=h.d_state, expand=h.expand,
+        scores = layer_scores(base, held_out, score=h.score, mixer=h.mixer, d_state=h.d_state, expand=h.expand, width=h.width,
                               chunk_size=h.chunk_size, batch_size=cfg.train.batch_size)
     if torch.distributed.is_initialized():  # every process must convert the same layers
         box = [scores]
@@ -179,7 +179,7 @@ def train_in_stages(cfg, run: RunDir) -> tuple[TrainResult | None, list[dict]]:
     calibration = torch.from_numpy(data.train_windows[: h.score_samples, :-1].astype("int64")).to(device)
     stages = convert_progressively(
         base, h.stages, distil_stage, strategy=h.layers if h.layers is not None else h.placement,
-        mixer=h.mixer, d_state=h.d_state, init=h.init, scores=scores, expand=h.expand, chunk_size=h.chunk_size,
+        mixer=h.mixer, d_state=h.d_state, init=h.init, scores=scores, expand=h.expand, width=h.width, chunk_size=h.chunk_size,
         calibration=calibration)
     final = stages[-1].model
     if info.is_main:
