@@ -25,6 +25,8 @@ def _hf_model(kind: str):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    elif kind == "qwen3":  # q/k RMSNorm per head; head_dim 24 is not hidden_size / heads, as in Qwen3-0.6B
+        cfg = transformers.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True)
     elif kind == "mistral":
         cfg = transformers.MistralConfig(**{**common, "num_key_value_heads": 1}, sliding_window=5)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -36,7 +38,7 @@ def _hf_model(kind: str):
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral"])
 def test_from_hf_matches_transformers(tmp_path, kind):
     hf = _hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
@@ -46,7 +48,7 @@ def test_from_hf_matches_transformers(tmp_path, kind):
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 def test_save_hf_loads_in_transformers(tmp_path, kind):
     hf = _hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
@@ -57,6 +59,23 @@ def test_save_hf_loads_in_transformers(tmp_path, kind):
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours(ids), atol=1e-4, rtol=0)
+
+
+def test_qwen3_matches_transformers_to_1e5_and_continues_from_its_cache(tmp_path):
+    """Qwen3's q/k norms sit before rope and before the KV cache: a sequence in two pieces with the
+    cache gives the logits of one pass, and both equal transformers' to 1e-5."""
+    hf = _hf_model("qwen3")
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf").eval()
+    assert ours.config.qk_norm and ours.config.head_dim == 24
+    assert torch.equal(ours.layers[0].self_attn.q_norm.weight, hf.model.layers[0].self_attn.q_norm.weight)
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        whole = ours(ids)
+        assert (whole - hf(ids).logits).abs().max() <= 1e-5
+        first, states = ours(ids[:, :7], return_states=True)
+        rest = ours(ids[:, 7:], states=states)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, atol=1e-5, rtol=0)
 
 
 def test_fresh_distil_model_exports_as_llama(tmp_path):
@@ -133,3 +152,30 @@ def test_kv_cache_matches_full_forward():
             out, states = model(ids[:, t : t + 1], states=states, return_states=True)
             rest.append(out)
     torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_eval_runs_any_causal_lm_through_transformers(tmp_path, tiny_tokenizer, tiny_corpus_file):
+    """An architecture distil has no native form of (GPT-2 here) is evaluated through transformers
+    instead of refused: its held-out loss equals transformers' own on the same windows."""
+    import torch.nn.functional as F
+
+    from distil.config import DataConfig
+    from distil.data.corpus import load_documents
+    from distil.data.packing import concat_windows
+    from distil.data.tokenize import tokenize_documents
+    from distil.eval.runner import run_eval
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    gpt2 = transformers.GPT2LMHeadModel(cfg).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer.save_pretrained(str(tmp_path / "gpt2"))
+    result = run_eval(tmp_path / "gpt2", data=tiny_corpus_file, seq_len=32, batch_size=4)
+    docs = load_documents(DataConfig(source="jsonl" if str(tiny_corpus_file).endswith(".jsonl") else "text",
+                                     path=str(tiny_corpus_file)))
+    windows, _ = concat_windows(tokenize_documents(tiny_tokenizer, docs), 32)
+    ids = torch.from_numpy(windows.astype("int64"))
+    with torch.no_grad():
+        logits = gpt2(ids[:, :-1]).logits
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert result["lm"]["loss"] == pytest.approx(reference, rel=1e-5)

@@ -454,3 +454,29 @@ def test_training_a_hybrid_student_lowers_its_kl(tmp_path, tiny_tokenizer, tiny_
     before = evaluate_lm(student, data.val_windows, teacher=teacher)["kl_to_teacher"]
     result = train(cfg, tokenizer=tiny_tokenizer, data=data, teacher=teacher, student=student)
     assert result.val["kl_to_teacher"] < before
+
+
+def test_mil_folds_qwen3_qk_norm_weights_into_c_and_b():
+    """A q/k-normed attention (Qwen3): C and B take W_Q and W_K with the norm weights folded in."""
+    torch.manual_seed(0)
+    teacher = TransformerLM(ModelConfig(vocab_size=61, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True)).eval()
+    attn = teacher.layers[1].self_attn
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    ssm = hybridize(teacher, [1], d_state=12, chunk_size=8, init="mil_plain").layers[1].mamba
+    w, hd = ssm.in_proj.weight, 12
+    b_off = 2 * ssm.d_inner
+    c_off = b_off + 4 * 12
+    for h in range(4):
+        kv = h // 2
+        torch.testing.assert_close(w[b_off + h * 12 : b_off + (h + 1) * 12],
+                                   attn.k_proj.weight[kv * hd : (kv + 1) * hd] * attn.k_norm.weight[:, None])
+        torch.testing.assert_close(w[c_off + h * 12 : c_off + (h + 1) * 12],
+                                   attn.q_proj.weight[h * hd : (h + 1) * hd] * attn.q_norm.weight[:, None])
+    calibrated = hybridize(teacher, [1], d_state=12, chunk_size=8, calibration=torch.randint(0, 61, (2, 16)))
+    assert torch.isfinite(calibrated(torch.randint(0, 61, (2, 9)))).all()
+    with pytest.raises(DistilError, match="no q/k norms"):
+        from distil.models.export import granite_config_for
+
+        granite_config_for(calibrated)

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="held-out loss and perplexity, multiple choice, agreement with a teacher",
-        description="Evaluate a model (a distil checkpoint or a transformers Llama/Qwen2/Mistral directory). "
+        description="Evaluate a model (a distil checkpoint or a transformers Llama/Qwen2/Qwen3/Mistral directory). "
         "Prints one JSON object and, with --run, appends the numbers to that run's metrics.jsonl.",
     )
     p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "hybridize",
         help="turn attention layers of a model into Mamba2 / discrete Mamba2 layers (MIL init)",
-        description="Convert some attention layers of a model (distil checkpoint or transformers Llama/Qwen2/Mistral) "
+        description="Convert some attention layers of a model (distil checkpoint or transformers Llama/Qwen2/Qwen3/Mistral) "
         "into SSM layers initialised from the attention weights (MIL) or at random, and save the hybrid with its "
         "tokenizer and the layer scores. Distil it afterwards with `distil train` and student.path pointing here "
         "(or let `distil train` convert and distil in stages with a hybrid: section, configs/hybrid-progressive.yaml).",

@@ -16,9 +16,8 @@ from distil.errors import DistilError
 from distil.eval.lm_eval_adapter import run_lm_eval
 from distil.eval.multiple_choice import load_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
-from distil.models import load
 from distil.run_dir import RunDir
-from distil.teachers import load_teacher
+from distil.teachers import ModelTeacher, load_teacher
 
 
 def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Path | None = None,
@@ -35,7 +34,11 @@ def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Pat
     for flag, path in (("--data", data), ("--mc", mc)):  # named as the user typed them, before the model loads
         if path and not Path(path).is_file():
             raise DistilError(f"{flag} {path}: no such file")
-    lm = load(model).eval()
+    # distil's own model where the family is native (llama, qwen2, qwen3, mistral, distil checkpoints),
+    # any other causal LM through transformers: held-out loss, KL and multiple choice work for both.
+    loaded = load_teacher(model)
+    lm = loaded.model.eval()
+    logits_fn = None if isinstance(loaded, ModelTeacher) else loaded.logits
     tokenizer_path = tokenizer or model
     if not has_tokenizer(tokenizer_path):
         raise DistilError(f"no tokenizer in {tokenizer_path}; pass --tokenizer DIR")
@@ -46,11 +49,11 @@ def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Pat
         source = "jsonl" if path.suffix == ".jsonl" else "text"
         docs = load_documents(DataConfig(source=source, path=str(path), text_field=text_field))
         windows, _ = concat_windows(tokenize_documents(tok, docs), seq_len)
-        result["lm"] = evaluate_lm(lm, windows, batch_size=batch_size,
+        result["lm"] = evaluate_lm(lm, windows, batch_size=batch_size, logits_fn=logits_fn,
                                    teacher=load_teacher(teacher) if teacher else None, progress=True)
     if mc:
         result["multiple_choice"] = score_multiple_choice(lm, tok, load_items(mc), num_fewshot=num_fewshot,
-                                                          batch_size=batch_size, progress=True)
+                                                          batch_size=batch_size, progress=True, logits_fn=logits_fn)
     if lm_eval:
         tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
         raw = run_lm_eval(model, tasks, num_fewshot=num_fewshot or None, include_path=lm_eval_include, limit=limit,

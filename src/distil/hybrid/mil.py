@@ -55,6 +55,11 @@ C from the mean of the W_Q of the query heads that share it, and its output colu
 their W_O columns (each query head's output approximated by the group's one SSM head); SmolLM2:
 0.39M per mixer. :func:`size_difference` accounts for the difference either way.
 
+**q/k norms (Qwen3).** Attention there normalises each head's q and k (RMSNorm over head_dim) before
+rope. MIL folds the norms' weights into the copied W_Q and W_K rows (C and B) and drops the per-token
+1/RMS factor, which a linear SSM input cannot express; the calibrated output scale then absorbs the
+average magnitude. Not yet measured against the alternatives on a real Qwen3 or Gemma 3.
+
 ``hybridize(model, [])`` returns an exact copy: the logits equal the teacher's.
 """
 
@@ -115,6 +120,9 @@ def mil_init(mixer: nn.Module, attention: nn.Module, cfg, calib: LayerCalibratio
     n_heads, n_kv, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kv_of = lambda h: h // (n_heads // n_kv)  # noqa: E731 - the KV head a query head uses
     W_q, W_k, W_v, W_o = (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight, attention.o_proj.weight)
+    if hasattr(attention, "q_norm"):  # Qwen3: fold the q/k norm weights into the rows (see the module docstring)
+        W_q = (W_q.view(n_heads, head_dim, -1) * attention.q_norm.weight[None, :, None]).reshape(W_q.shape)
+        W_k = (W_k.view(n_kv, head_dim, -1) * attention.k_norm.weight[None, :, None]).reshape(W_k.shape)
     d_state = mixer.d_state
     ssm_head_dim = mixer.head_dim
     assert ssm_head_dim == head_dim

@@ -1,6 +1,6 @@
 """Export hybrids to an architecture stock ``transformers`` loads: GraniteMoeHybrid.
 
-    export_hf(model, "out/")   # all-attention -> Llama/Qwen2/Mistral; attention + Mamba2 -> GraniteMoeHybrid
+    export_hf(model, "out/")   # all-attention -> Llama/Qwen2/Qwen3/Mistral; attention + Mamba2 -> GraniteMoeHybrid
 
 GraniteMoeHybrid with ``num_local_experts=0`` is a Llama-style decoder whose layers are attention
 or Mamba2 (mamba_ssm layout), with a dense ``shared_mlp`` holding [gate | up] in ``input_linear``
@@ -49,6 +49,8 @@ def granite_config_for(model):
         raise DistilError("GraniteMoeHybrid has no QKV bias or sliding window; this model cannot be exported as a hybrid")
     if cfg.head_dim * cfg.n_heads != cfg.d_model:
         raise DistilError("GraniteMoeHybrid needs head_dim == d_model / n_heads")
+    if cfg.qk_norm:
+        raise DistilError("GraniteMoeHybrid has no q/k norms (Qwen3); keep this hybrid in distil's native format")
     ssm = cfg.ssm.get("M") if "M" in cfg.pattern else None
     if ssm is None:  # no Mamba2 layers: valid placeholder settings that no layer uses
         ssm = dict(d_inner=cfg.d_model, head_dim=cfg.head_dim, n_groups=1, d_state=16, norm_eps=cfg.rms_norm_eps)

@@ -1,6 +1,6 @@
 """Hugging Face interop: load transformers checkpoints into distil and export distil models to them.
 
-    model = load_hf("path/or/hub-id")   # Llama, Qwen2, Mistral
+    model = load_hf("path/or/hub-id")   # Llama (3.x rope scaling too), Qwen2, Qwen3, Mistral
     save_hf(model, "out/hf")            # AutoModelForCausalLM.from_pretrained loads it
 
 Parameter names already follow transformers' Llama, so conversion only strips or adds the
@@ -20,7 +20,7 @@ from distil.gguf import resolve_model_path
 from distil.models.io import load_state, read_safetensors
 from distil.models.transformer import ModelConfig, TransformerLM
 
-SUPPORTED = ("llama", "qwen2", "mistral")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -63,8 +63,10 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     sliding = None
     if model_type == "mistral":
         sliding = hf.get("sliding_window")
-    elif model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise DistilError("qwen2 checkpoints with use_sliding_window=True are not supported")
+    elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise DistilError(f"{model_type} checkpoints with use_sliding_window=True are not supported")
+    if model_type == "qwen3" and hf.get("layer_types") and set(hf["layer_types"]) != {"full_attention"}:
+        raise DistilError(f"qwen3 layer_types {sorted(set(hf['layer_types']))} are not supported (full_attention only)")
     n_heads = hf["num_attention_heads"]
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -79,7 +81,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         rope_scaling=scaling,
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2",
+        qkv_bias=model_type == "qwen2" or (model_type == "qwen3" and bool(hf.get("attention_bias"))),
+        qk_norm=model_type == "qwen3",
         sliding_window=sliding,
         bos_token_id=_first(hf.get("bos_token_id")),
         eos_token_id=_first(hf.get("eos_token_id")),
@@ -137,7 +140,8 @@ def load_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Transfor
 
 
 def hf_config_for(model: TransformerLM):
-    """The transformers config that represents this all-attention model: Qwen2 with QKV bias, else Llama."""
+    """The transformers config that represents this all-attention model: Qwen3 with q/k norms, Mistral with a
+    sliding window, Qwen2 with QKV bias, else Llama."""
     import transformers
 
     cfg = model.config
@@ -159,7 +163,12 @@ def hf_config_for(model: TransformerLM):
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
-    if cfg.sliding_window is not None:
+    if cfg.qk_norm:
+        if cfg.sliding_window is not None:
+            raise DistilError("a sliding-window model with q/k norms has no transformers equivalent here")
+        hf = transformers.Qwen3Config(**common, head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias,
+                                      use_sliding_window=False)
+    elif cfg.sliding_window is not None:
         if cfg.qkv_bias:
             raise DistilError("a sliding-window model with QKV bias has no transformers equivalent here")
         hf = transformers.MistralConfig(**common, head_dim=cfg.head_dim, sliding_window=cfg.sliding_window)

@@ -18,7 +18,7 @@ from distil.models.io import is_native, load_native
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Load a distil checkpoint, a transformers Llama/Qwen2/Mistral checkpoint or a Llama-family GGUF
+    """Load a distil checkpoint, a transformers Llama/Qwen2/Qwen3/Mistral checkpoint or a Llama-family GGUF
     file into TransformerLM."""
     path = resolve_model_path(path)
     local = Path(path)

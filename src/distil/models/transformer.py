@@ -6,8 +6,8 @@
     hidden = model(input_ids, return_hidden=True)  # [batch, seq, d_model], before the LM head
 
 RMSNorm, rotary position embeddings (rotate-half convention, as transformers' Llama), a SwiGLU MLP,
-grouped-query attention through ``scaled_dot_product_attention``, optional QKV bias (Qwen2) and
-tied or untied embeddings. Parameter names follow transformers' Llama (``embed_tokens``,
+grouped-query attention through ``scaled_dot_product_attention``, optional QKV bias (Qwen2), optional
+per-head q/k RMSNorm (Qwen3) and tied or untied embeddings. Parameter names follow transformers' Llama (``embed_tokens``,
 ``layers.N.self_attn.q_proj`` ...) so checkpoints map over without renaming.
 
 Each layer's mixer is given by ``ModelConfig.pattern``: ``A`` attention, ``M`` Mamba2, ``D``
@@ -51,6 +51,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's query and key before rope (Qwen3)
     sliding_window: int | None = None
     # Hybrid students: one letter per layer, A = attention, M = Mamba2, D = discrete Mamba2.
     pattern: str | None = None
@@ -167,13 +168,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by the heads, on q and on k
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, *, doc_ids=None, state=None):
         """``state`` is (k, v) or (k, v, valid) where valid [batch] counts the cached keys each row may
         still see (streamed rows that started a new document see none of the previous one's)."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past, valid = 0, None
