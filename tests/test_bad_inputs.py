@@ -150,6 +150,8 @@ CASES = [
      ["--num-ssm"]),
     ("hybridize-bad-layers", lambda w, h: ["hybridize", str(w / "model"), "--out", str(h / "o"), "--layers", "a,b"],
      ["--layers"]),
+    ("hybridize-layer-out-of-range", lambda w, h: ["hybridize", str(w / "model"), "--out", str(h / "o"), "--layers", "9"],
+     ["not all attention layers"]),
     ("hybridize-out-exists", lambda w, h: ["hybridize", str(w / "model"), "--out", str(_write(h / "o" / "x", "")
                                                                                       .parent), "--num-ssm", "1"],
      ["already exists"]),

@@ -81,7 +81,10 @@ def test_using_it_runs_top_to_bottom_in_a_fresh_folder(tmp_path, monkeypatch, ca
             assert e.code in (0, None), f"{command}: exit {e.code}\n{capsys.readouterr().err[-3000:]}"
     # What the block made, in the order it made it.
     assert (tmp_path / "reports" / "ce-vs-kd" / "report.md").is_file()
-    assert (tmp_path / "exported" / "config.json").is_file()
+    import json
+
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["architectures"] == ["GraniteMoeHybridForCausalLM"]
+    assert len(json.loads((tmp_path / "hybrid" / "layer_scores.json").read_text())["ssm_layers"]) == 2
     assert (tmp_path / "caches" / "api" / "manifest.json").is_file()
     report = (tmp_path / "reports" / "ce-vs-kd" / "report.md").read_text()
     assert "final_accuracy.png" in report  # the demo's final accuracies, read from its run folders
