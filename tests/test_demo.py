@@ -151,3 +151,17 @@ def test_figure_checks_fail_on_a_missing_series_shared_colours_and_a_legend_over
     problems = figure_problems(fig, [f"layer {i}" for i in range(12)])
     assert "12 series share 10 colours" in problems and "the legend overlaps the plotting area" in problems
     plt.close("all")
+
+
+def test_decode_speed_is_claimed_only_when_the_ranges_do_not_overlap():
+    from distil.demo import decode_section, speed_comparison
+
+    overlapping = speed_comparison([14, 15, 41, 40, 39], [40, 56, 45, 50, 48], "the MIL hybrid")
+    assert "same speed within the run-to-run spread" in overlapping and "x the teacher" not in overlapping
+    apart = speed_comparison([20, 21, 22, 23, 24], [40, 45, 50, 55, 60], "the MIL hybrid")
+    assert apart.startswith("the MIL hybrid decoded at 0.44x the teacher's speed") and "20-24 against 40-60" in apart
+    table = decode_section({"teacher_decode_tokens_per_second": [40, 45, 50, 55, 60],
+                            "mil": {"decode_tokens_per_second": [20, 21, 22, 23, 24]},
+                            "random": {"decode_tokens_per_second": [41, 44, 52, 53, 58]}}, context=128, new_tokens=24)
+    assert "| teacher (all attention) | 50 (40-60) |" in table and "| hybrid, MIL init | 22 (20-24) |" in table
+    assert "the random-init hybrid and the teacher decoded at the same speed" in table
