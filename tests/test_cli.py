@@ -188,3 +188,15 @@ def test_train_converts_in_stages_and_an_interrupted_run_continues(tmp_path, tin
     _assert_user_error(distil(*args[:-2], "--set", "hybrid.stages=[1, 9]", "--run-dir", str(tmp_path / "r2")),
                        "ends at 9 SSM layers", "4 attention layers")
     assert not (tmp_path / "r2").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_nproc_per_node_launches_workers_and_an_error_is_one_line_per_rank(tmp_path):
+    """`distil train --nproc-per-node 2` goes through torch.distributed.run; a worker's error reaches the
+    terminal as distil's one line (per rank), exit 2, without the launcher's ChildFailedError traceback."""
+    out = distil("train", "configs/debug.yaml", "--nproc-per-node", "2", "--set", "data.source=jsonl",
+                 "--set", f"data.path={tmp_path / 'missing.jsonl'}", "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith("distil: error: data.path not found") for line in lines), out.stderr
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr

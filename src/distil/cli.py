@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run folder's latest checkpoint (also automatic when it has one)")
+    p.add_argument("--nproc-per-node", type=at_least(1), metavar="N",
+                   help="train in N processes on this machine through torchrun's own launcher (torch.distributed.run), "
+                   "as `torchrun --standalone --nproc_per_node N -m distil train ...` does; a distil error is then its "
+                   "one line, without the launcher's traceback")
     _add_common(p)
 
     p = sub.add_parser(
@@ -389,8 +393,42 @@ def cmd_train(args) -> None:
     from distil.config import load_config
     from distil.train.run import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a bad config is one line before any process starts
+    if (args.nproc_per_node or 1) > 1 and "LOCAL_RANK" not in os.environ:
+        launch_workers(args)
+        return
     run_training(cfg, args.run_dir, overwrite=args.overwrite, resume=args.resume)
+
+
+def launch_workers(args) -> None:
+    """``distil train`` in ``args.nproc_per_node`` processes through torch.distributed.run (the code
+    behind torchrun). Each worker prints its own one-line error; the launcher's ChildFailedError
+    traceback and its logging are kept off the terminal, and the exit code is the worker's."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    worker = ["train", args.config, *[x for o in args.overrides for x in ("--set", o)]]
+    worker += ["--run-dir", args.run_dir] if args.run_dir else []
+    worker += [flag for flag, on in (("--overwrite", args.overwrite), ("--resume", args.resume), ("--debug", args.debug))
+               if on]
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "distil",
+                                             *worker])
+    quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.run")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet if not args.debug else []:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        run(launcher)
+    except ChildFailedError as e:
+        if args.debug:
+            raise
+        codes = [failure.exitcode for failure in e.failures.values()]
+        sys.exit(next((c for c in codes if c > 0), 1))
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 def cmd_eval(args) -> None:
