@@ -22,6 +22,22 @@ def windows_of(tokenizer, docs, seq_len: int, count: int) -> torch.Tensor:
     return torch.from_numpy(windows[:count, :-1].astype("int64"))
 
 
+def real_teacher_windows(seq_len: int, calibration: int, held_out: int) -> dict:
+    """The teacher and disjoint embedded-corpus windows: ``calibration`` windows (documents 0-150),
+    512 ``train`` windows (150-1500), ``held_out`` windows (the last 300) and the teacher's logits
+    on them (``reference``)."""
+    from distil.data.corpus import embedded_corpus
+
+    teacher, tokenizer = load_real_teacher()
+    docs = embedded_corpus()
+    out = {"teacher": teacher, "calibration": windows_of(tokenizer, docs[:150], seq_len, calibration),
+           "train": windows_of(tokenizer, docs[150:1500], seq_len, 512),
+           "held_out": windows_of(tokenizer, docs[-300:], seq_len, held_out)}
+    with torch.no_grad():
+        out["reference"] = torch.cat([teacher(out["held_out"][i : i + 8]) for i in range(0, held_out, 8)])
+    return out
+
+
 def reverse_kl_step(student, teacher, tokens: torch.Tensor, optimizer, *, clip: float | None = None) -> float:
     """One reverse-KL distillation step of ``student`` towards ``teacher`` (run online) on ``tokens``."""
     from distil.losses import kd_loss

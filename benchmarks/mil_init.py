@@ -18,9 +18,8 @@ import argparse
 import time
 
 import torch
-from _real_teacher import load_real_teacher, reverse_kl_step, windows_of
+from _real_teacher import real_teacher_windows, reverse_kl_step
 
-from distil.data.corpus import embedded_corpus
 from distil.hybrid.mil import calibrate, hybridize
 from distil.losses import kd_loss
 
@@ -67,13 +66,9 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    teacher, tokenizer = load_real_teacher()
-    docs = embedded_corpus()
-    calib_tokens = windows_of(tokenizer, docs[:150], args.seq_len, args.calibration)
-    train_tokens = windows_of(tokenizer, docs[150:1500], args.seq_len, 512)
-    held_out = windows_of(tokenizer, docs[-300:], args.seq_len, args.held_out)
-    with torch.no_grad():
-        reference = torch.cat([teacher(held_out[i : i + 8]) for i in range(0, len(held_out), 8)])
+    data = real_teacher_windows(args.seq_len, args.calibration, args.held_out)
+    teacher, calib_tokens, train_tokens = data["teacher"], data["calibration"], data["train"]
+    held_out, reference = data["held_out"], data["reference"]
     t0 = time.perf_counter()
     calib = calibrate(teacher, calib_tokens, args.layers)
     print(f"calibration: {calib_tokens.numel()} tokens, {time.perf_counter() - t0:.1f} s")

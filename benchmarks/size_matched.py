@@ -18,10 +18,9 @@ import argparse
 import time
 
 import torch
-from _real_teacher import load_real_teacher, reverse_kl_step, windows_of
+from _real_teacher import real_teacher_windows, reverse_kl_step
 from mil_init import kl_to
 
-from distil.data.corpus import embedded_corpus
 from distil.hybrid import select_layers
 from distil.hybrid.mil import calibrate, hybridize, size_difference
 
@@ -36,13 +35,9 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = p.parse_args()
 
-    teacher, tokenizer = load_real_teacher()
-    docs = embedded_corpus()
-    calib_tokens = windows_of(tokenizer, docs[:150], args.seq_len, args.calibration)
-    train_tokens = windows_of(tokenizer, docs[150:1500], args.seq_len, 512)
-    held_out = windows_of(tokenizer, docs[-300:], args.seq_len, args.held_out)
-    with torch.no_grad():
-        reference = torch.cat([teacher(held_out[i : i + 8]) for i in range(0, len(held_out), 8)])
+    data = real_teacher_windows(args.seq_len, args.calibration, args.held_out)
+    teacher, calib_tokens, train_tokens = data["teacher"], data["calibration"], data["train"]
+    held_out, reference = data["held_out"], data["reference"]
     layers = select_layers(teacher, args.num_ssm, "uniform", calib_tokens).ssm_layers
     calib = calibrate(teacher, calib_tokens, layers)
     print(f"SmolLM2-135M ({teacher.num_parameters():,} parameters), layers {layers} -> Mamba2 state 16, calibrated "

@@ -118,21 +118,10 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_curves(
-    series: dict[str, Sequence[tuple[float, float]]],
-    path: str | Path,
-    *,
-    title: str = "",
-    xlabel: str = "step",
-    ylabel: str = "loss",
-    logy: bool = False,
-    hlines: dict[str, float] | None = None,
-    markers: bool = False,
-) -> Path:
-    """One line per named series of (x, y) points; optional labelled horizontal reference lines
-    (:func:`curves_figure`), saved as a PNG."""
-    return save_figure(curves_figure(series, title=title, xlabel=xlabel, ylabel=ylabel, logy=logy, hlines=hlines,
-                                     markers=markers), path)
+def plot_curves(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, **options) -> Path:
+    """One line per named series of (x, y) points; optional labelled horizontal reference lines.
+    ``options`` are :func:`curves_figure`'s (title, xlabel, ylabel, logy, hlines, markers); saved as a PNG."""
+    return save_figure(curves_figure(series, **options), path)
 
 
 def plot_bars(values: dict[str, float], path: str | Path, *, title: str = "", ylabel: str = "",
@@ -156,11 +145,7 @@ def plot_bars(values: dict[str, float], path: str | Path, *, title: str = "", yl
     if hlines:
         ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
