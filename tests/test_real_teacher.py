@@ -96,8 +96,8 @@ def test_calibrated_mil_stays_ahead_after_training_the_layer(setup):
     with torch.no_grad():
         for _ in range(30):
             tokens = data["train"][torch.randint(0, len(data["train"]), (1,), generator=generator), :64]
-            inputs, cos, sin = _layer_inputs(teacher, tokens)
-            batches.append(({i: inputs[i] for i in layers}, cos, sin, teacher.lm_head(teacher.norm(inputs[-1]))))
+            inputs, tables = _layer_inputs(teacher, tokens)
+            batches.append(({i: inputs[i] for i in layers}, tables, teacher.lm_head(teacher.norm(inputs[-1]))))
     for layer in layers:
         after = {}
         for init in ("random", "mil"):
@@ -106,10 +106,10 @@ def test_calibrated_mil_stays_ahead_after_training_the_layer(setup):
             mixer = model.layers[layer].mamba
             mixer.requires_grad_(True)
             opt = torch.optim.AdamW(mixer.parameters(), lr=1e-3, weight_decay=0.0)
-            for inputs, cos, sin, target in batches:
+            for inputs, tables, target in batches:
                 x = inputs[layer]
-                for block in model.layers[layer:]:
-                    x, _ = block(x, cos, sin)
+                for i in range(layer, len(model.layers)):
+                    x, _ = model.layers[i](x, *tables[i])
                 loss = kd_loss(model.lm_head(model.norm(x)), target, "reverse_kl")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

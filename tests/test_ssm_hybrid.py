@@ -127,6 +127,19 @@ def _teacher(n_layers=4, **kw):
     return TransformerLM(ModelConfig(**cfg)).eval()
 
 
+# Gemma 3's layout in small: (1 + w) norms, sandwich norms, q/k norms, GeGLU, scaled embeddings, a query scale,
+# sliding layers (window 5) with their own rope base and one global layer.
+GEMMA_LIKE = dict(qk_norm=True, norm_plus_one=True, sandwich_norms=True, mlp_activation="gelu_tanh",
+                  scale_embeddings=True, query_scale=0.2, sliding_window=5, rope_local_theta=100.0,
+                  layer_types=["sliding", "sliding", "sliding", "full"])
+
+
+def _gemma_teacher():
+    teacher = _teacher(**GEMMA_LIKE)
+    _perturb(teacher)  # norms away from their zero start, so a dropped (1 + w) would show
+    return teacher
+
+
 def test_hybridize_with_no_layers_reproduces_the_teacher():
     teacher = _teacher()
     x = torch.randint(0, 61, (2, 12))
@@ -245,15 +258,16 @@ def test_mil_needs_calibration_text():
         hybridize(_teacher(), [1], init="mli")
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("score", ["mil", "leave_one_out"])
-def test_kl_layer_scores_equal_whole_model_runs(score):
+def test_kl_layer_scores_equal_whole_model_runs(score, family):
     """Scoring reruns only the changed layer and those above it from cached inputs: the KL must be
-    what a whole converted model gives."""
+    what a whole converted model gives (with Gemma's norms after the mixer and per-layer rope too)."""
     from distil.hybrid.mil import calibrate
     from distil.hybrid.placement import layer_scores
     from distil.losses import kd_loss
 
-    teacher = _teacher()
+    teacher = _teacher() if family == "llama" else _gemma_teacher()
     data = torch.randint(0, 61, (5, 16))
     scores = layer_scores(teacher, data, score=score, d_state=8, chunk_size=8, batch_size=2)
     calib = calibrate(teacher, data, range(4))
@@ -396,9 +410,11 @@ def test_progressive_conversion_keeps_trained_layers():
     assert all(name.startswith("layers.") and ".mamba." in name for name in seen[1][1])
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("ssm_layers", [[], [1, 2]])
-def test_generation_with_kv_cache_and_ssm_state_matches_full_forward(ssm_layers):
-    model = hybridize(_teacher(), ssm_layers, chunk_size=8, init="mil_plain").eval()
+def test_generation_with_kv_cache_and_ssm_state_matches_full_forward(ssm_layers, family):
+    teacher = _teacher() if family == "llama" else _gemma_teacher()  # 13 tokens: past Gemma's window of 5
+    model = hybridize(teacher, ssm_layers, chunk_size=8, init="mil_plain").eval()
     prompt = torch.randint(0, 61, (2, 7))
     out = generate(model, prompt, max_new_tokens=6)
     assert out.shape == (2, 13)
@@ -480,3 +496,64 @@ def test_mil_folds_qwen3_qk_norm_weights_into_c_and_b():
         from distil.models.export import granite_config_for
 
         granite_config_for(calibrated)
+
+
+def test_gemma_like_hybrid_streams_in_pieces_and_reloads_exactly(tmp_path):
+    """A Gemma-style hybrid (one sliding, one global layer converted): a sequence past the window in
+    two pieces with carried state equals one pass; a native save reloads bit-exactly."""
+    teacher = _gemma_teacher()
+    calib = torch.randint(0, 61, (3, 16))
+    hybrid = hybridize(teacher, [1, 3], d_state=8, chunk_size=8, calibration=calib).eval()
+    assert hybrid.config.pattern == "AMAM" and hybrid.layers[1].rope_kind == "local"
+    ids = torch.randint(0, 61, (2, 17))
+    with torch.no_grad():
+        whole = hybrid(ids)
+        first, states = hybrid(ids[:, :6], return_states=True)
+        rest = hybrid(ids[:, 6:], states=states)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, atol=1e-5, rtol=0)
+    save_native(hybrid, tmp_path / "h")
+    again = load(tmp_path / "h").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids), whole)
+
+
+def test_mil_folds_gemma_one_plus_w_qk_norms():
+    """Gemma's q/k norms scale by (1 + w): that factor, not w, goes into C and B."""
+    teacher = _gemma_teacher()
+    attn = teacher.layers[0].self_attn
+    ssm = hybridize(teacher, [0], d_state=12, chunk_size=8, init="mil_plain").layers[0].mamba
+    b_off, hd = 2 * ssm.d_inner, 12
+    torch.testing.assert_close(ssm.in_proj.weight[b_off : b_off + hd],
+                               attn.k_proj.weight[:hd] * (1 + attn.k_norm.weight)[:, None])
+
+
+def test_gemma_like_hybrid_export_to_granite_is_refused_with_a_reason():
+    from distil.models.export import granite_config_for
+
+    hybrid = hybridize(_gemma_teacher(), [1], d_state=8, chunk_size=8, init="mil_plain")
+    with pytest.raises(DistilError, match="GraniteMoeHybrid has no"):
+        granite_config_for(hybrid)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3", "kv_width", "discrete"])
+def test_hybrids_no_stock_class_holds_export_with_their_own_code_and_equal_logits(tmp_path, kind):
+    """`--format hf-remote`: transformers loads the folder with trust_remote_code=True, without distil,
+    and gives distil's logits; the stock format refuses and names the way out."""
+    from distil.models.export import export
+
+    calib = torch.randint(0, 61, (3, 16))
+    teacher = _gemma_teacher() if kind == "gemma3" else _teacher(qk_norm=kind == "qwen3")
+    mixer = "discrete_mamba2" if kind == "discrete" else "mamba2"
+    hybrid = hybridize(teacher, [1, 3], mixer=mixer, d_state=8, chunk_size=8, calibration=calib,
+                       width="kv" if kind == "kv_width" else "heads").eval()
+    with pytest.raises(DistilError, match="hf-remote"):
+        export(hybrid, tmp_path / "stock", "hf")
+    assert "DistilForCausalLM" in export(hybrid, tmp_path / "remote", "hf-remote")
+    assert not any("distil." in line for f in (tmp_path / "remote").glob("*.py") for line in f.read_text().splitlines()
+                   if line.startswith(("import", "from")))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "remote", trust_remote_code=True).eval()
+    ids = torch.randint(0, 61, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hybrid(ids))
+        out = back.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, generate(hybrid, ids[:, :5], max_new_tokens=4))

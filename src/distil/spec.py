@@ -74,3 +74,13 @@ def shared_vocab(student_vocab: int, teacher_vocab: int) -> int:
 # `distil study`: experiment and budget names (the CLI's choices; the experiments live in distil/study.py).
 STUDY_EXPERIMENTS = ("mixer-state", "init", "loss", "zero-shot-vs-progressive", "placement", "tiny-kd")
 STUDY_BUDGETS = ("quick", "full", "smoke")
+
+
+# Export formats (`distil export --format`): name -> what it writes. The writers are in
+# distil.models.export.FORMATS, keyed by these names.
+EXPORT_FORMATS = {
+    "hf": "a stock transformers class: Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3, Phi-3 as they came, other "
+          "all-attention models as Llama, Mamba2 hybrids of Llama-layout models as GraniteMoeHybrid",
+    "hf-remote": "every distil model (Qwen3 / Gemma 3 hybrids, size-matched or discrete Mamba2 layers too) with its "
+                 "own modeling code, loaded with trust_remote_code=True",
+}

@@ -17,13 +17,25 @@ import torch
 from distil.errors import DistilError
 
 
-def concat_windows(token_docs: list[np.ndarray], seq_len: int, what: str = "the corpus") -> tuple[np.ndarray, np.ndarray]:
+def concat_windows(token_docs: list[np.ndarray], seq_len: int, what: str = "the corpus", *,
+                   bos: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Windows [num_windows, seq_len + 1] of token ids, and the document index of each position.
-    ``what`` names the data in errors (e.g. "the validation split (5% of 20 documents)")."""
+    ``what`` names the data in errors (e.g. "the validation split (5% of 20 documents)").
+
+    With ``bos`` (for models that expect a BOS first, :func:`distil.data.tokenize.bos_id`) every window
+    starts with it, followed by the next ``seq_len`` tokens of the text (windows then overlap by none):
+    a window cut mid-document reads as that model was trained to read. Evaluation windows use this."""
     if not token_docs:
         raise DistilError(f"{what} has no documents to pack")
     tokens, docs = flatten_documents(token_docs)
-    return strided_windows(tokens, seq_len, what), strided_windows(docs, seq_len, what)
+    if bos is None:
+        return strided_windows(tokens, seq_len, what), strided_windows(docs, seq_len, what)
+    num = len(tokens) // seq_len
+    if num < 1:
+        raise DistilError(f"{what} has {len(tokens)} tokens, fewer than one window of data.seq_len = {seq_len}")
+    body, body_docs = tokens[: num * seq_len].reshape(num, seq_len), docs[: num * seq_len].reshape(num, seq_len)
+    windows = np.concatenate([np.full((num, 1), bos, dtype=tokens.dtype), body], axis=1)
+    return windows, np.concatenate([body_docs[:, :1], body_docs], axis=1)
 
 
 def flatten_documents(token_docs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

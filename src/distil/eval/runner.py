@@ -11,7 +11,7 @@ from pathlib import Path
 from distil.config import DataConfig
 from distil.data.corpus import load_documents
 from distil.data.packing import concat_windows
-from distil.data.tokenize import has_tokenizer, load_tokenizer, tokenize_documents
+from distil.data.tokenize import bos_id, has_tokenizer, load_tokenizer, tokenize_documents
 from distil.errors import DistilError
 from distil.eval.lm_eval_adapter import run_lm_eval
 from distil.eval.multiple_choice import load_items, score_multiple_choice
@@ -34,7 +34,7 @@ def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Pat
     for flag, path in (("--data", data), ("--mc", mc)):  # named as the user typed them, before the model loads
         if path and not Path(path).is_file():
             raise DistilError(f"{flag} {path}: no such file")
-    # distil's own model where the family is native (llama, qwen2, qwen3, mistral, distil checkpoints),
+    # distil's own model where the family is native (distil.models.families, distil checkpoints),
     # any other causal LM through transformers: held-out loss, KL and multiple choice work for both.
     loaded = load_teacher(model)
     lm = loaded.model.eval()
@@ -48,7 +48,7 @@ def run_eval(model: str | Path, *, data: str | Path | None = None, mc: str | Pat
         path = Path(data)
         source = "jsonl" if path.suffix == ".jsonl" else "text"
         docs = load_documents(DataConfig(source=source, path=str(path), text_field=text_field))
-        windows, _ = concat_windows(tokenize_documents(tok, docs), seq_len)
+        windows, _ = concat_windows(tokenize_documents(tok, docs), seq_len, bos=bos_id(tok))
         result["lm"] = evaluate_lm(lm, windows, batch_size=batch_size, logits_fn=logits_fn,
                                    teacher=load_teacher(teacher) if teacher else None, progress=True)
     if mc:

@@ -121,8 +121,8 @@ def mil_init(mixer: nn.Module, attention: nn.Module, cfg, calib: LayerCalibratio
     kv_of = lambda h: h // (n_heads // n_kv)  # noqa: E731 - the KV head a query head uses
     W_q, W_k, W_v, W_o = (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight, attention.o_proj.weight)
     if hasattr(attention, "q_norm"):  # Qwen3: fold the q/k norm weights into the rows (see the module docstring)
-        W_q = (W_q.view(n_heads, head_dim, -1) * attention.q_norm.weight[None, :, None]).reshape(W_q.shape)
-        W_k = (W_k.view(n_kv, head_dim, -1) * attention.k_norm.weight[None, :, None]).reshape(W_k.shape)
+        W_q = (W_q.view(n_heads, head_dim, -1) * attention.q_norm.scale()[None, :, None]).reshape(W_q.shape)
+        W_k = (W_k.view(n_kv, head_dim, -1) * attention.k_norm.scale()[None, :, None]).reshape(W_k.shape)
     d_state = mixer.d_state
     ssm_head_dim = mixer.head_dim
     assert ssm_head_dim == head_dim

@@ -31,7 +31,6 @@ from distil.errors import DistilError
 from distil.fsutil import atomic_write_text
 from distil.hybrid.mil import calibrate, fresh_mil_mixer
 from distil.losses import kd_loss
-from distil.models.transformer import rope_cos_sin
 
 
 @dataclass
@@ -86,14 +85,14 @@ def layer_scores(model, data: torch.Tensor, *, score: str = "local", mixer: str 
     bar = tqdm(total=len(batches) * len(layers), desc=f"scoring layers ({score})", disable=not progress, leave=False)
     for start in batches:
         tokens = data[start : start + batch_size]
-        inputs, cos, sin = _layer_inputs(model, tokens)
+        inputs, tables = _layer_inputs(model, tokens)
         reference = None
         for i in layers:
             block = model.layers[i]
             x = inputs[i]
             h = block.input_layernorm(x)
             if score == "local":
-                attention = block.self_attn(h, cos, sin)[0]
+                attention = block.self_attn(h, *tables[i])[0]
                 replaced = mixers[i](h)[0]
                 # Per token: a few tokens carry residual norms 100x the rest ("massive activations"), and
                 # a ratio of sums would rank layers by those tokens alone (rank correlation with the
@@ -103,11 +102,10 @@ def layer_scores(model, data: torch.Tensor, *, score: str = "local", mixer: str 
                 norm[i] += relative.numel()
             else:
                 if reference is None:
-                    reference = model.lm_head(model.norm(inputs[-1]))
+                    reference = model.head(model.norm(inputs[-1]))
                 out = mixers[i](h)[0] if score == "mil" else torch.zeros_like(x)
-                x = x + out
-                x = x + block.mlp(block.post_attention_layernorm(x))
-                changed = _logits_from(model, i + 1, x, cos, sin)
+                x = block.finish(x, out)
+                changed = _logits_from(model, i + 1, x, tables)
                 kl[i] += kd_loss(changed, reference, "forward_kl").item() * len(tokens)
             bar.update(1)
     bar.close()
@@ -117,24 +115,24 @@ def layer_scores(model, data: torch.Tensor, *, score: str = "local", mixer: str 
 
 
 def _layer_inputs(model, tokens):
-    """Each layer's input (the residual stream) for ``tokens``, plus the rotary cos/sin; the last entry
-    is the final layer's output."""
+    """Each layer's input (the residual stream) for ``tokens``, plus each layer's rotary (cos, sin); the
+    last entry of the inputs is the final layer's output."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    x = model.embed_tokens(tokens)
-    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
+    x = model.embed(tokens)
+    tables = model.rope_tables(positions, x.dtype)
     inputs = []
-    for layer in model.layers:
+    for layer, (cos, sin) in zip(model.layers, tables):
         inputs.append(x)
         x, _ = layer(x, cos, sin)
     inputs.append(x)
-    return inputs, cos, sin
+    return inputs, tables
 
 
-def _logits_from(model, first_layer: int, x, cos, sin):
+def _logits_from(model, first_layer: int, x, tables):
     """Logits when the residual stream is ``x`` at the input of layer ``first_layer``."""
-    for layer in model.layers[first_layer:]:
-        x, _ = layer(x, cos, sin)
-    return model.lm_head(model.norm(x))
+    for i in range(first_layer, len(model.layers)):
+        x, _ = model.layers[i](x, *tables[i])
+    return model.head(model.norm(x))
 
 
 def select_layers(model, num_ssm: int, strategy="importance", data: torch.Tensor | None = None, *, score: str = "local",

@@ -1,6 +1,6 @@
 """Models: the Llama-family :class:`TransformerLM` (and its hybrid form), SSM mixers, loading and saving.
 
-    model = load("path")                           # native, transformers Llama/Qwen2/Qwen3/Mistral, or .gguf
+    model = load("path")                           # native, transformers (Llama, Mistral, Qwen2/3, Gemma 3, SmolLM3, Phi-3), or .gguf
     save(model, "out/student", tokenizer=tok)      # native: config.json + model.safetensors
     save_hf(model, "out/hf")                       # transformers' LlamaForCausalLM format
 """

@@ -1,6 +1,8 @@
-"""Export hybrids to an architecture stock ``transformers`` loads: GraniteMoeHybrid.
+"""Export formats (one registry, ``FORMATS``): hybrids to an architecture stock ``transformers`` loads,
+GraniteMoeHybrid, and everything else through its family or with its own modeling code.
 
-    export_hf(model, "out/")   # all-attention -> Llama/Qwen2/Qwen3/Mistral; attention + Mamba2 -> GraniteMoeHybrid
+    export(model, "out/", "hf")          # all-attention -> its family's class; attention + Mamba2 -> GraniteMoeHybrid
+    export(model, "out/", "hf-remote")   # any distil model, loaded with trust_remote_code=True (distil.models.remote)
 
 GraniteMoeHybrid with ``num_local_experts=0`` is a Llama-style decoder whose layers are attention
 or Mamba2 (mamba_ssm layout), with a dense ``shared_mlp`` holding [gate | up] in ``input_linear``
@@ -24,7 +26,9 @@ import torch
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
-from distil.models.hf import _set_rope, hf_state_dict, save_hf
+from distil.models.families import require_llama_layout
+from distil.models.hf import _set_rope, hf_config_for, hf_state_dict, save_hf
+from distil.spec import EXPORT_FORMATS
 
 
 def _expand(d_inner: int, d_model: int) -> int:
@@ -50,7 +54,11 @@ def granite_config_for(model):
     if cfg.head_dim * cfg.n_heads != cfg.d_model:
         raise DistilError("GraniteMoeHybrid needs head_dim == d_model / n_heads")
     if cfg.qk_norm:
-        raise DistilError("GraniteMoeHybrid has no q/k norms (Qwen3); keep this hybrid in distil's native format")
+        raise DistilError("GraniteMoeHybrid has no q/k norms (Qwen3, Gemma 3); keep this hybrid in distil's native format")
+    if cfg.nope_layers:
+        raise DistilError("GraniteMoeHybrid has rope in every attention layer (SmolLM3 leaves it out of some); keep this "
+                          "hybrid in distil's native format")
+    require_llama_layout(cfg, "GraniteMoeHybrid")
     ssm = cfg.ssm.get("M") if "M" in cfg.pattern else None
     if ssm is None:  # no Mamba2 layers: valid placeholder settings that no layer uses
         ssm = dict(d_inner=cfg.d_model, head_dim=cfg.head_dim, n_groups=1, d_state=16, norm_eps=cfg.rms_norm_eps)
@@ -100,11 +108,33 @@ def export_hf(model, path: str | Path, *, tokenizer=None, overwrite: bool = True
 
     if not model.config.is_hybrid and hybrid_format != "granite":
         save_hf(model, path, tokenizer=tokenizer, overwrite=overwrite)
-        return "llama-family"
-    hf = granite_config_for(model)
+        return hf_config_for(model).architectures[0]
+    try:
+        hf = granite_config_for(model)
+    except DistilError as e:
+        raise DistilError(f"{e}. `distil export --format hf-remote` writes it with its own modeling code "
+                          "(trust_remote_code=True)") from e
     with atomic_dir(path, overwrite=overwrite) as tmp:
         hf.save_pretrained(tmp)
         save_file(granite_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return "GraniteMoeHybridForCausalLM"
+
+
+def export_remote_code(model, path: str | Path, *, tokenizer=None, overwrite: bool = True) -> str:
+    from distil.models.remote import export_remote
+
+    return export_remote(model, path, tokenizer=tokenizer, overwrite=overwrite)
+
+
+# The export formats, one registry: name -> writer (what each writes: distil.spec.EXPORT_FORMATS).
+FORMATS = {"hf": export_hf, "hf-remote": export_remote_code}
+assert set(FORMATS) == set(EXPORT_FORMATS)
+
+
+def export(model, path: str | Path, format: str = "hf", **kwargs) -> str:
+    """Write ``model`` in ``format`` (a key of FORMATS); returns what was written."""
+    if format not in FORMATS:
+        raise DistilError(f"unknown export format {format!r} (formats: {', '.join(FORMATS)})")
+    return FORMATS[format](model, path, **kwargs)

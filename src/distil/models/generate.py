@@ -67,6 +67,8 @@ def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = (head.weight @ hidden[:, -1].t()).t()
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias
+    if model.config.logit_softcap is not None:
+        logits = model.config.logit_softcap * torch.tanh(logits / model.config.logit_softcap)
     return logits[:, None]
 
 

@@ -1,7 +1,7 @@
 """Native distil checkpoints (``config.json`` + ``model.safetensors``) and loading of any model dir.
 
     save_native(model, "out/student", tokenizer=tok)   # transformer or hybrid (distil.models.save)
-    model = distil.models.load("out/student")           # native, a transformers Llama/Qwen2/Mistral dir, or a .gguf
+    model = distil.models.load("out/student")           # native, a transformers checkpoint of a native family, or a .gguf
 
 The native format reloads exactly (bit for bit). A directory is written under a temporary name
 and renamed when complete, so a crash never leaves a checkpoint that looks whole.
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
-from distil.models.transformer import TransformerLM, config_dict, config_from_json, rope_inv_freq
+from distil.models.transformer import TransformerLM, config_dict, config_from_json
 
 NATIVE_FORMAT = "distil"
 
@@ -81,13 +81,9 @@ def load_native(path: str | Path, *, dtype: torch.dtype = torch.float32, device=
     with torch.device("meta"):
         model = TransformerLM(cfg)
     model = model.to_empty(device=device)
-    model.register_buffer("inv_freq", _rope(cfg).to(device), persistent=False)
+    model.set_rope_buffers(device)
     load_state(model, state, source=str(path), assign=True)
     return model.to(dtype)
-
-
-def _rope(cfg):
-    return rope_inv_freq(cfg)
 
 
 def load_state(model, state: dict[str, torch.Tensor], *, source: str, assign: bool = False) -> None:

@@ -2,7 +2,7 @@
 
     model = load("out/student")           # a native checkpoint (transformer or hybrid), bit-exact
     model = load("path/to/llama")         # a transformers Llama / Qwen2 / Mistral folder or hub id
-    model = load("model.gguf")            # a Llama-family GGUF (converted once, cached)
+    model = load("model.gguf")            # a GGUF of a native family (converted once, cached)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from distil.models.io import is_native, load_native
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Load a distil checkpoint, a transformers Llama/Qwen2/Qwen3/Mistral checkpoint or a Llama-family GGUF
+    """Load a distil checkpoint, a transformers checkpoint or a GGUF of a family in :mod:`distil.models.families`
     file into TransformerLM."""
     path = resolve_model_path(path)
     local = Path(path)

@@ -1,4 +1,4 @@
-"""A Llama-family decoder in plain PyTorch, and its attention/SSM hybrid form.
+"""A decoder in plain PyTorch for the Llama, Qwen, Mistral, Gemma 3, SmolLM3 and Phi-3 families, and its hybrid form.
 
     cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4)
     model = TransformerLM(cfg)
@@ -9,6 +9,14 @@ RMSNorm, rotary position embeddings (rotate-half convention, as transformers' Ll
 grouped-query attention through ``scaled_dot_product_attention``, optional QKV bias (Qwen2), optional
 per-head q/k RMSNorm (Qwen3) and tied or untied embeddings. Parameter names follow transformers' Llama (``embed_tokens``,
 ``layers.N.self_attn.q_proj`` ...) so checkpoints map over without renaming.
+
+The config's switches cover the other families' differences (each family's mapping from a transformers
+config is one description in :mod:`distil.models.families`): Gemma 3's (1 + w) RMSNorm
+(``norm_plus_one``), norms before and after both the mixer and the MLP (``sandwich_norms``, transformers'
+names ``post_attention_layernorm`` / ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm``), GeGLU
+(``mlp_activation="gelu_tanh"``), the √d embedding scale, a query scale other than head_dim^-0.5,
+tanh soft-capping of the logits, sliding-window layers given per layer (``layer_types``) with their
+own rope base (``rope_local_theta``), and SmolLM3's layers without rope (``nope_layers``).
 
 Each layer's mixer is given by ``ModelConfig.pattern``: ``A`` attention, ``M`` Mamba2, ``D``
 discrete Mamba2 (see :mod:`distil.models.ssm`). Norms, MLPs, embeddings and residuals are shared.
@@ -34,6 +42,8 @@ from distil.kernels import decode_attention_backends
 from distil.models import ssm
 
 MIXER_KINDS = {"A": "attention", "M": "mamba2", "D": "discrete_mamba2"}
+ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass
@@ -53,6 +63,18 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head's query and key before rope (Qwen3)
     sliding_window: int | None = None
+    # Per layer "full" or "sliding" (Gemma 3's 5 local : 1 global); None: every layer slides when
+    # sliding_window is set (Mistral).
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # rope base of the sliding layers (Gemma 3); None: rope_theta
+    nope_layers: list[int] | None = None  # layers whose attention has no rotary embedding (SmolLM3)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), weights start at 0 (Gemma)
+    sandwich_norms: bool = False  # norms after the mixer and around the MLP too (Gemma 2/3)
+    mlp_activation: str = "silu"  # silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(d_model) (Gemma)
+    query_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
+    logit_softcap: float | None = None  # tanh soft-capping of the final logits (Gemma 2)
+    family: str | None = None  # the transformers family it came from or exports to; None: inferred
     # Hybrid students: one letter per layer, A = attention, M = Mamba2, D = discrete Mamba2.
     pattern: str | None = None
     # Keyword arguments of the SSM mixers by pattern letter: {"M": {"d_state": 16, ...}, "D": {...}}.
@@ -78,10 +100,36 @@ class ModelConfig:
                 f"pattern {self.pattern!r} should have one letter per layer ({self.n_layers}) from "
                 f"{', '.join(f'{k}={v}' for k, v in MIXER_KINDS.items())}"
             )
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") not in ("default", "llama3"):
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") not in ROPE_TYPES:
             raise DistilError(
-                f"rope scaling {self.rope_scaling.get('rope_type')!r} is not supported (supported: default, llama3)"
+                f"rope scaling {self.rope_scaling.get('rope_type')!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
             )
+        if self.mlp_activation not in ACTIVATIONS:
+            raise DistilError(f"mlp_activation {self.mlp_activation!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        if self.nope_layers is not None:
+            self.nope_layers = sorted(int(i) for i in self.nope_layers)
+            if any(not 0 <= i < self.n_layers for i in self.nope_layers):
+                raise DistilError(f"nope_layers {self.nope_layers} should be layer indices below {self.n_layers}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.n_layers or set(self.layer_types) - {"full", "sliding"}:
+                raise DistilError(f"layer_types should give 'full' or 'sliding' for each of the {self.n_layers} layers")
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                raise DistilError("layer_types has sliding layers but sliding_window is not set")
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of ``layer`` (None: it sees every earlier token)."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding":
+            return self.sliding_window
+        return None
+
+    def rope_kind(self, layer: int) -> str:
+        """"none" for a layer without rope, "local" for a sliding layer with its own rope base, else "global"."""
+        if self.nope_layers and layer in self.nope_layers:
+            return "none"
+        if self.rope_local_theta is not None and self.window(layer) is not None:
+            return "local"
+        return "global"
 
     @property
     def is_hybrid(self) -> bool:
@@ -89,23 +137,36 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """Llama's RMSNorm, or with ``plus_one`` Gemma's, which scales by (1 + w) with w starting at 0."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def scale(self) -> torch.Tensor:
+        """The per-channel factor applied after normalising: w, or 1 + w."""
+        return 1.0 + self.weight if self.plus_one else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as transformers' LlamaRMSNorm does.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:  # Gemma: scale in fp32, then cast
+            return (x32 * (1.0 + self.weight.float())).to(dtype)
+        # Llama: cast back before the weight, as transformers' LlamaRMSNorm does.
         return self.weight * x32.to(dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, kind: str = "global") -> torch.Tensor:
+    """Rotary frequencies of the global layers, or with ``kind="local"`` of the sliding layers of a model
+    with its own local base (Gemma 3: default rope at ``rope_local_theta``, no scaling)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling or {}
+    theta = cfg.rope_local_theta if kind == "local" else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = (cfg.rope_scaling or {}) if kind == "global" else {}
+    if scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
     if scaling.get("rope_type") == "llama3":
         # Llama 3.1 frequency-dependent scaling (transformers' _compute_llama3_parameters).
         factor = scaling["factor"]
@@ -160,17 +221,18 @@ class KVBuffer(tuple):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.sliding_window = cfg.sliding_window
+        self.sliding_window = cfg.window(layer)
+        self.scale = cfg.query_scale
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        if cfg.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by the heads, on q and on k
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: one RMSNorm over head_dim, shared by the heads, on q and on k
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
 
     def forward(self, x, cos, sin, *, doc_ids=None, state=None):
         """``state`` is (k, v) or (k, v, valid) where valid [batch] counts the cached keys each row may
@@ -182,7 +244,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # None: a layer without rope (SmolLM3)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past, valid = 0, None
         if state is not None:
             past = state[0].shape[2]
@@ -208,11 +271,11 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if mask is None and past:
             with decode_attention_backends(q):
-                out = F.scaled_dot_product_attention(q, k, v)
+                out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.o_proj(out), new_state
 
@@ -242,31 +305,44 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.d_model, bias=False)
+        self.act = ACTIVATIONS[cfg.mlp_activation]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
+def make_mixer(kind: str, cfg: ModelConfig, layer: int = 0) -> nn.Module:
     if kind == "A":
-        return Attention(cfg)
+        return Attention(cfg, layer)
     if kind == "M":
         return ssm.Mamba2Mixer(cfg.d_model, **cfg.ssm.get("M", {}))
     return ssm.DiscreteMamba2Mixer(cfg.d_model, **cfg.ssm.get("D", {}))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kind: str):
+    """One layer: x + mixer(norm(x)), then x + mlp(norm(x)). With ``sandwich_norms`` (Gemma) the mixer's
+    and the MLP's outputs are normed too before they join the residual stream; transformers' names then
+    mean: ``post_attention_layernorm`` after the mixer, ``pre_feedforward_layernorm`` /
+    ``post_feedforward_layernorm`` around the MLP (without sandwich norms ``post_attention_layernorm``
+    is the norm before the MLP, as in Llama)."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, layer: int = 0):
         super().__init__()
-        self.kind = kind
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.kind, self.layer = kind, layer
+        self.rope_kind = cfg.rope_kind(layer)
+        norm = lambda: RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
+        self.input_layernorm = norm()
         # Attention keeps transformers' name `self_attn`; SSM mixers are `mamba` as in hybrid models there.
         if kind == "A":
-            self.self_attn = make_mixer(kind, cfg)
+            self.self_attn = make_mixer(kind, cfg, layer)
         else:
-            self.mamba = make_mixer(kind, cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+            self.mamba = make_mixer(kind, cfg, layer)
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
         self.mlp = MLP(cfg)
+        if cfg.sandwich_norms:
+            self.post_feedforward_layernorm = norm()
 
     def set_mixer(self, kind: str, mixer: nn.Module) -> None:
         """Swap in another mixer, keeping the module (so parameter) order of a block built as ``kind``:
@@ -284,9 +360,15 @@ class Block(nn.Module):
             h, new_state = self.self_attn(h, cos, sin, doc_ids=doc_ids, state=state)
         else:
             h, new_state = self.mamba(h, state=state)
-        x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, new_state
+        return self.finish(x, h), new_state
+
+    def finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer once its mixer has given ``mixed`` for the residual stream ``x``."""
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.post_attention_layernorm(mixed)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + mixed
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class TransformerLM(nn.Module):
@@ -294,17 +376,45 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.pattern)
-        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.pattern))
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.norm_plus_one)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.set_rope_buffers()
         self.apply(self._init_weights)
         # GPT-2 style: residual projections start smaller so the residual stream stays O(1) with depth.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def set_rope_buffers(self, device=None) -> None:
+        """(Re)compute the rotary frequency buffers (not saved; a model built on the meta device needs them)."""
+        self.register_buffer("inv_freq", rope_inv_freq(self.config).to(device), persistent=False)
+        if any(layer.rope_kind == "local" for layer in self.layers):
+            self.register_buffer("inv_freq_local", rope_inv_freq(self.config, "local").to(device), persistent=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, times sqrt(d_model) in the weight's dtype when the config scales them (Gemma)."""
+        x = self.embed_tokens(input_ids)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)
+        return x
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's rotary (cos, sin) for ``positions`` [batch, seq]; layers of one kind share theirs."""
+        tables = {"global": rope_cos_sin(self.inv_freq, positions, dtype), "none": (None, None)}
+        if hasattr(self, "inv_freq_local"):
+            tables["local"] = rope_cos_sin(self.inv_freq_local, positions, dtype)
+        return [tables[layer.rope_kind] for layer in self.layers]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the final hidden states (after the final norm), soft-capped when the config asks."""
+        logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     @staticmethod
     def _init_weights(module):
@@ -341,14 +451,15 @@ class TransformerLM(nn.Module):
             if states is not None:  # continue after the cached keys (SSM layers need no positions)
                 start = next((s[0].shape[2] for s in states if isinstance(s, tuple)), 0)
             positions = torch.arange(start, start + seq, device=input_ids.device).expand(batch, seq)
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        x = self.embed(input_ids)
+        tables = self.rope_tables(positions, x.dtype)
         new_states = []
         for i, layer in enumerate(self.layers):
+            cos, sin = tables[i]
             x, layer_state = layer(x, cos, sin, doc_ids=doc_ids, state=None if states is None else states[i])
             new_states.append(layer_state)
         x = self.norm(x)
-        out = x if return_hidden else self.lm_head(x)
+        out = x if return_hidden else self.head(x)
         return (out, new_states) if return_states else out
 
 

@@ -5,7 +5,7 @@
     logits = teacher.logits(input_ids)
     signal = teacher.signal(batch, Request("topk", k=64))    # the protocol (teachers/base.py)
 
-Llama, Qwen2 and Mistral checkpoints load into distil's own TransformerLM (bit-exact with
+Checkpoints of the families in distil.models.families load into distil's own TransformerLM (bit-exact with
 transformers, see tests/test_hf_interop.py), which exposes hidden states and the head so the
 fused loss never materialises the teacher's logits. Any other architecture runs through
 ``transformers.AutoModelForCausalLM`` and gives full logits.
@@ -55,12 +55,13 @@ class _FrozenModel:
 class ModelTeacher(_FrozenModel):
     """distil's own TransformerLM (also Llama / Qwen2 / Mistral checkpoints and GGUFs loaded into it)."""
 
-    gives = ("head", "logits", "topk")
     carries_state = True
     native = True
 
     def __init__(self, model: torch.nn.Module, *, name: str = "teacher"):
         super().__init__(model, name)
+        # Soft-capped logits (Gemma 2) are no linear function of the hidden states: no head inputs then.
+        self.gives = ("logits", "topk") if model.config.logit_softcap is not None else ("head", "logits", "topk")
 
     @property
     def vocab_size(self) -> int:
@@ -83,7 +84,7 @@ class ModelTeacher(_FrozenModel):
             hidden, stream["teacher"] = self.model(input_ids, positions=positions, states=stream["teacher"],
                                                    return_states=True, return_hidden=True)
             weight = self.model.lm_head.weight
-            return (hidden, weight, None) if request.kind == "head" else self._finish(hidden @ weight.t(), request)
+            return (hidden, weight, None) if request.kind == "head" else self._finish(self.model.head(hidden), request)
         if request.kind == "head":
             return self.head_inputs(input_ids, doc_ids, positions)
         return self._finish(self.logits(input_ids, doc_ids, positions), request)

@@ -240,6 +240,9 @@ def setup(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
     if student is None:
         student = load(cfg.student.path) if cfg.student.path else TransformerLM(
             student_model_config(cfg, teacher_vocab or len(tokenizer), tokenizer))
+    if student.config.logit_softcap is not None:
+        raise DistilError("the student soft-caps its logits (final_logit_softcapping), which distil's losses, reading "
+                          "its LM head directly, do not apply; train a student without it")
     if student.config.max_seq_len < cfg.data.seq_len:
         raise DistilError(f"data.seq_len = {cfg.data.seq_len} is longer than the student's max_seq_len "
                           f"({student.config.max_seq_len}, {cfg.student.path or 'the given student'})")
