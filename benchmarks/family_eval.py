@@ -25,7 +25,7 @@ from _real_teacher import TEACHERS
 from distil.data.corpus import embedded_corpus
 from distil.data.packing import concat_windows
 from distil.data.tokenize import bos_id, load_tokenizer, tokenize_documents
-from distil.eval import run_eval
+from distil.eval.runner import run_eval
 from distil.models import load
 
 
@@ -43,7 +43,7 @@ def main():
     docs, texts = [], embedded_corpus()[-300:]
     # Only as many documents as the windows need, so both sides score the same windows.
     windows, _ = concat_windows(tokenize_documents(tokenizer, texts), args.seq_len, bos=bos_id(tokenizer))
-    windows = torch.from_numpy(windows[: args.windows].astype("int64"))
+    windows = torch.from_numpy(windows.astype("int64"))
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "held_out.jsonl"
         need = args.windows * args.seq_len
@@ -61,7 +61,7 @@ def main():
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     native = load(path).eval()
     start, total, count = time.perf_counter(), 0.0, 0
-    used = windows[: (n_ours // args.seq_len) if n_ours else args.windows]
+    used = windows[: n_ours // args.seq_len]  # the windows distil eval scored (its file covers whole documents)
     with torch.no_grad():
         for i in range(0, len(used), 4):
             ids = used[i : i + 4]

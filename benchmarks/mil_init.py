@@ -10,7 +10,8 @@ Per layer it prints KL(teacher || hybrid) per token on held-out windows for: the
 deleted (its output 0), random init, plain MIL (the attention weights copied, the rest as Mamba
 initialises it) and calibrated MIL (distil's ``init="mil"``). With ``--train-steps`` it then
 trains that layer's mixer alone with reverse KL (lr 1e-3, AdamW, 4 x 256 tokens a step) and
-prints the KL after, for each seed.
+prints the KL after, for each seed. For a teacher with q/k norms (Gemma 3), ``--inits ... mil_nofold``
+adds calibrated MIL without the norm weights folded into C and B.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def kl_to(reference, model, tokens, batch_size=8):
         out = model(tokens[start : start + batch_size])
         total += kd_loss(out, reference[start : start + batch_size], "forward_kl").item() * len(out)
     return total / len(tokens)
+
+
+def without_qk_norm_weights(teacher):
+    """A copy whose q/k norms scale by 1: MIL from it copies W_Q / W_K without the norm weights folded in."""
+    raw = hybridize(teacher, [], init="random")  # a copy
+    with torch.no_grad():
+        for block in raw.layers:
+            for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
+                norm.weight.fill_(0.0 if norm.plus_one else 1.0)
+    return raw
 
 
 def delete_layer(teacher, layer):
@@ -84,11 +95,14 @@ def main():
             torch.manual_seed(0)
             if init == "delete":
                 model = delete_layer(teacher, layer)
+            elif init == "mil_nofold":  # q/k-normed teachers: calibrated MIL without the norm weights in C / B
+                model = hybridize(teacher, [layer], mixer=args.mixer, init="mil", d_state=args.d_state, chunk_size=64,
+                                  calibration=calib, attention_from=without_qk_norm_weights(teacher))
             else:
                 model = hybridize(teacher, [layer], mixer=args.mixer, init=init, d_state=args.d_state,
                                   chunk_size=64, calibration=calib if init == "mil" else None)
             row.append(f"{kl_to(reference, model.eval(), held_out):.3f}")
-            if args.train_steps and init != "delete":
+            if args.train_steps and init not in ("delete", "mil_nofold"):
                 after = []
                 for seed in args.seeds:
                     m = hybridize(teacher, [layer], mixer=args.mixer, init=init, d_state=args.d_state,

@@ -178,3 +178,20 @@ def test_hybridize_command_aligns_and_writes_the_losses(tmp_path, tiny_tokenizer
     for name, value in model.state_dict().items():  # attention layers and everything else: untouched
         if not name.startswith(("layers.1.", "layers.2.")):
             assert torch.equal(hybrid.state_dict()[name], value), name
+
+
+def test_alignment_works_unchanged_on_a_gemma_like_teacher():
+    """Gemma 3's layout (sandwich and (1 + w) norms, q/k norms, GeGLU, sliding layers with their own rope
+    base): each new mixer still learns its attention's output, a sliding and the global layer alike."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=4, n_heads=2, qk_norm=True, norm_plus_one=True,
+                      sandwich_norms=True, mlp_activation="gelu_tanh", scale_embeddings=True, sliding_window=6,
+                      rope_local_theta=100.0, layer_types=["sliding", "sliding", "sliding", "full"])
+    original = TransformerLM(cfg).eval()
+    tokens = torch.randint(0, 96, (12, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hybrid = hybridize(original, [1, 3], init="mil", d_state=16, chunk_size=8, calibration=tokens[:4])
+    result = align_layers(hybrid, original, tokens, layers=[1, 3], steps=40, lr=3e-3, batch_size=4, progress=False)
+    for layer in (1, 3):
+        losses = result.history[layer]
+        assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, (layer, losses[:5], losses[-5:])

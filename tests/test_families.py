@@ -78,3 +78,36 @@ def test_every_command_runs_on_a_gemma3_teacher(tmp_path, gemma_folder, tiny_cor
     with torch.no_grad():
         assert (back(ids).logits - teacher(ids)).abs().max() <= 1e-5
         assert torch.equal(remote(ids).logits, hybrid.eval()(ids))
+
+
+def test_tokenizers_that_add_bos_get_it_on_documents_windows_and_choices(tiny_tokenizer, tiny_docs):
+    """Gemma and Llama 3 expect a BOS first (Gemma 3 270M: held-out loss 4.41 without, 3.11 with). A
+    tokenizer that adds one itself gets it on every document, every evaluation window and every
+    multiple-choice context; one that does not (the demo's, SmolLM2's) is left as it was."""
+    import copy
+
+    import numpy as np
+    from tokenizers.processors import TemplateProcessing
+
+    from distil.data.packing import concat_windows
+    from distil.data.tokenize import bos_id, tokenize_documents
+    from distil.eval.multiple_choice import _encode_pair
+
+    plain = tiny_tokenizer
+    assert bos_id(plain) is None
+    with_bos = copy.deepcopy(plain)
+    with_bos.add_special_tokens({"bos_token": "<bos>"})
+    bos = with_bos.convert_tokens_to_ids("<bos>")
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    assert with_bos("a")["input_ids"][0] == bos and bos_id(with_bos) == bos
+
+    docs = tiny_docs[:5]
+    plain_docs, bos_docs = tokenize_documents(plain, docs), tokenize_documents(with_bos, docs)
+    for a, b in zip(plain_docs, bos_docs):
+        assert b[0] == bos and np.array_equal(b[1:], a)
+    windows, doc_ids = concat_windows(bos_docs, 16, bos=bos)
+    assert (windows[:, 0] == bos).all() and windows.shape[1] == 17 and doc_ids.shape == windows.shape
+    flat = np.concatenate(bos_docs)
+    assert np.array_equal(windows[:, 1:].reshape(-1), flat[: windows.shape[0] * 16])  # consecutive, no overlap
+    assert _encode_pair(with_bos, "The model", " learns")[0][0] == bos
+    assert _encode_pair(plain, "The model", " learns")[0][0] != bos

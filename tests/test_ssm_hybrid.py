@@ -283,11 +283,14 @@ def test_kl_layer_scores_equal_whole_model_runs(score, family):
             assert scores[i] == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
-def test_local_layer_scores_measure_the_replacement_error():
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_local_layer_scores_measure_the_replacement_error(family):
+    """Per token, |what attention adds - what the mixer would add|^2 / |x + what attention adds|^2; with
+    Gemma's sandwich norms what a mixer adds is its output after post_attention_layernorm."""
     from distil.hybrid.mil import calibrate, fresh_mil_mixer
     from distil.hybrid.placement import layer_scores
 
-    teacher = _teacher()
+    teacher = _teacher() if family == "llama" else _gemma_teacher()
     data = torch.randint(0, 61, (3, 16))
     scores = layer_scores(teacher, data, d_state=8, chunk_size=8)
     calib = calibrate(teacher, data, [2])
@@ -299,8 +302,9 @@ def test_local_layer_scores_measure_the_replacement_error():
         teacher(data)
         x, cos, sin = inputs[0]
         h = block.input_layernorm(x)
-        attention = block.self_attn(h, cos, sin)[0]
-        expected = ((attention - mixer(h)[0]).pow(2).sum(-1) / (x + attention).pow(2).sum(-1)).mean()
+        post = block.post_attention_layernorm if family == "gemma3" else (lambda t: t)
+        attention, replaced = post(block.self_attn(h, cos, sin)[0]), post(mixer(h)[0])
+        expected = ((attention - replaced).pow(2).sum(-1) / (x + attention).pow(2).sum(-1)).mean()
     assert scores[2] == pytest.approx(expected.item(), rel=1e-4)
     assert all(v > 0 for v in scores.values())
 
@@ -557,3 +561,44 @@ def test_hybrids_no_stock_class_holds_export_with_their_own_code_and_equal_logit
         assert torch.equal(back(ids).logits, hybrid(ids))
         out = back.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
         assert torch.equal(out, generate(hybrid, ids[:, :5], max_new_tokens=4))
+
+
+def test_calibrated_mil_keeps_the_qk_norm_variant_closer_to_what_attention_adds():
+    """With q/k norms, calibrated MIL builds the mixer with the norm weights folded into C and B and
+    without, and keeps the one with the smaller replacement error on the calibration text, which is the
+    local layer score on that text."""
+    from distil.hybrid.mil import (
+        _fresh_mixer,
+        _mil_copy,
+        calibrate,
+        fresh_mil_mixer,
+        replacement_error,
+        ssm_settings,
+    )
+    from distil.hybrid.placement import layer_scores
+
+    teacher = _gemma_teacher()
+    with torch.no_grad():  # norm weights far from 1, so the two variants differ
+        for layer in teacher.layers:
+            layer.self_attn.q_norm.weight.uniform_(-0.9, 3.0)
+            layer.self_attn.k_norm.weight.uniform_(-0.9, 3.0)
+    data = torch.randint(0, 61, (4, 16))
+    calib = calibrate(teacher, data, range(4))
+    errors, choices = {}, {}
+    for layer in range(4):
+        mixer = fresh_mil_mixer(teacher, layer, "mamba2", calib[layer], d_state=8, chunk_size=8)
+        variants = []
+        for fold in (True, False):
+            torch.manual_seed(0)
+            settings = ssm_settings(teacher, "mamba2", d_state=8, expand=None, d_conv=4, chunk_size=8)
+            m = _fresh_mixer("M", 48, settings, "cpu", torch.float32)
+            _mil_copy(m, teacher.layers[layer].self_attn, teacher.config, calib[layer], fold_qk_norm=fold)
+            variants.append(replacement_error(m, calib[layer]))
+        errors[layer] = replacement_error(mixer, calib[layer])
+        choices[layer] = mixer.qk_norm_weights
+        assert errors[layer] == pytest.approx(min(variants), rel=1e-5), (layer, errors[layer], variants)
+        assert choices[layer] == ("folded" if variants[0] <= variants[1] else "dropped")
+    assert set(choices.values()) == {"folded", "dropped"}  # both branches taken here
+    local = layer_scores(teacher, data, d_state=8, chunk_size=8)  # calibrated on the same text
+    for layer in range(4):
+        assert local[layer] == pytest.approx(errors[layer], rel=1e-4)

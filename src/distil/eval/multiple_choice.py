@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distil.data.corpus import read_jsonl
+from distil.data.tokenize import bos_id
 from distil.errors import DistilError
 from distil.runtime import adapt_threads
 
@@ -82,6 +83,9 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    bos = bos_id(tokenizer)
+    if bos is not None:  # models whose tokenizer puts BOS first (Gemma, Llama 3) read every context after it
+        ctx = [bos, *ctx]
     if not ctx and tokenizer.eos_token_id is not None:
         ctx = [tokenizer.eos_token_id]
     return ctx, cont

@@ -55,10 +55,15 @@ C from the mean of the W_Q of the query heads that share it, and its output colu
 their W_O columns (each query head's output approximated by the group's one SSM head); SmolLM2:
 0.39M per mixer. :func:`size_difference` accounts for the difference either way.
 
-**q/k norms (Qwen3).** Attention there normalises each head's q and k (RMSNorm over head_dim) before
-rope. MIL folds the norms' weights into the copied W_Q and W_K rows (C and B) and drops the per-token
-1/RMS factor, which a linear SSM input cannot express; the calibrated output scale then absorbs the
-average magnitude. Not yet measured against the alternatives on a real Qwen3 or Gemma 3.
+**q/k norms (Qwen3, Gemma 3).** Attention there normalises each head's q and k (RMSNorm over head_dim,
+weight w, or 1 + w in Gemma) before rope. A linear SSM input cannot express the per-token 1/RMS, so
+MIL drops it; the norm's per-channel weights can be folded into the copied W_Q and W_K rows (C and B)
+or left out. Neither wins everywhere on Gemma 3 270M (KL at conversion, one layer, docs/models.md):
+folded is far better at layers 8 and 11 (0.194 / 0.738 against 0.494 / 2.214) and far worse at the
+global layer 5 (12.5 against 1.80). So calibrated MIL builds both and keeps the one whose output is
+closer to what attention added to the residual stream on the calibration text (:func:`replacement_error`,
+the local layer score); that choice picked the variant with the lower KL at all six layers measured.
+``init="mil_plain"`` (no calibration) folds the weights.
 
 ``hybridize(model, [])`` returns an exact copy: the logits equal the teacher's.
 """
@@ -66,6 +71,7 @@ average magnitude. Not yet measured against the alternatives on a real Qwen3 or 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 
@@ -75,6 +81,8 @@ from torch import nn
 from distil.errors import DistilError
 from distil.models.ssm import DiscreteMamba2Mixer, Mamba2Mixer
 from distil.models.transformer import Block, TransformerLM
+
+log = logging.getLogger(__name__)
 
 MIXERS = {"mamba2": "M", "discrete_mamba2": "D"}
 WIDTHS = ("heads", "kv")  # SSM heads per attention head, or per KV head (the size-matched layout)
@@ -116,11 +124,52 @@ def _head_rows(weight: torch.Tensor, head: int, head_dim: int, rows: int) -> tor
 @torch.no_grad()
 def mil_init(mixer: nn.Module, attention: nn.Module, cfg, calib: LayerCalibration | None = None) -> None:
     """Copy W_Q, W_K, W_V, W_O of ``attention`` into ``mixer`` (Mamba2Mixer or DiscreteMamba2Mixer);
-    with ``calib``, then set gate, decay, skip, conv and output scale from it (calibrated MIL)."""
+    with ``calib``, then set gate, decay, skip, conv and output scale from it (calibrated MIL).
+
+    For q/k-normed attention (Qwen3, Gemma 3) calibrated MIL builds the mixer twice, with the norms'
+    weights folded into C and B and without, and keeps the one whose output is closer to what attention
+    added to the residual stream on the calibration text (the module docstring's **q/k norms**)."""
+    if calib is None or not hasattr(attention, "q_norm") or calib.contribution is None:
+        _mil_copy(mixer, attention, cfg, calib, fold_qk_norm=True)
+        return
+    start = {k: v.clone() for k, v in mixer.state_dict().items()}
+    built, errors = {}, {}
+    for fold in (True, False):
+        mixer.load_state_dict(start)
+        _mil_copy(mixer, attention, cfg, calib, fold_qk_norm=fold)
+        errors[fold] = replacement_error(mixer, calib)
+        built[fold] = {k: v.clone() for k, v in mixer.state_dict().items()}
+    fold = min(errors, key=errors.get)
+    mixer.load_state_dict(built[fold])
+    mixer.qk_norm_weights = "folded" if fold else "dropped"
+    log.info("MIL with q/k norms: weights %s (replacement error %.4f folded, %.4f dropped)", mixer.qk_norm_weights,
+             errors[True], errors[False])
+
+
+@torch.no_grad()
+def replacement_error(mixer: nn.Module, calib: LayerCalibration, batch_size: int = 8) -> float:
+    """Mean over the calibration tokens of |what attention added - what the mixer adds|^2 / |x + what
+    attention added|^2 (x the residual stream; "adds" after the norm that follows the mixer, in Gemma)."""
+    total, count = 0.0, 0
+    for start in range(0, len(calib.inputs), batch_size):
+        h = calib.inputs[start : start + batch_size].to(mixer.in_proj.weight)
+        out = mixer(h)[0]
+        if calib.post_norm is not None:
+            out = calib.post_norm(out)
+        target = calib.contribution[start : start + batch_size].to(out)
+        residual = calib.residual[start : start + batch_size].to(out)
+        error = (target - out).float().pow(2).sum(-1) / (residual + target).float().pow(2).sum(-1).clamp_min(1e-30)
+        total += error.sum().item()
+        count += error.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _mil_copy(mixer: nn.Module, attention: nn.Module, cfg, calib: LayerCalibration | None, *, fold_qk_norm: bool) -> None:
     n_heads, n_kv, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kv_of = lambda h: h // (n_heads // n_kv)  # noqa: E731 - the KV head a query head uses
     W_q, W_k, W_v, W_o = (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight, attention.o_proj.weight)
-    if hasattr(attention, "q_norm"):  # Qwen3: fold the q/k norm weights into the rows (see the module docstring)
+    if hasattr(attention, "q_norm") and fold_qk_norm:  # fold the q/k norm weights into the rows (module docstring)
         W_q = (W_q.view(n_heads, head_dim, -1) * attention.q_norm.scale()[None, :, None]).reshape(W_q.shape)
         W_k = (W_k.view(n_kv, head_dim, -1) * attention.k_norm.scale()[None, :, None]).reshape(W_k.shape)
     d_state = mixer.d_state
@@ -194,6 +243,9 @@ class LayerCalibration:
     head_rms: torch.Tensor  # [n_heads] mean per-token RMS of each attention head's output, before o_proj
     direction: torch.Tensor  # [d_model] unit mean direction of the inputs
     median_projection: float  # median over tokens of inputs . direction
+    residual: torch.Tensor | None = None  # [n, seq, d_model] the residual stream x entering the layer
+    contribution: torch.Tensor | None = None  # [n, seq, d_model] what attention added to it
+    post_norm: nn.Module | None = None  # the norm after the mixer (Gemma's sandwich norms), else None
 
 
 @torch.no_grad()
@@ -204,6 +256,8 @@ def calibrate(model: TransformerLM, tokens: torch.Tensor, layers, *, batch_size:
     layers = [i for i in sorted(set(layers)) if model.config.pattern[i] == "A"]
     inputs = {i: [] for i in layers}
     heads = {i: [] for i in layers}
+    residual = {i: [] for i in layers}
+    added = {i: [] for i in layers}
     cfg = model.config
     hooks = []
     for i in layers:
@@ -211,6 +265,10 @@ def calibrate(model: TransformerLM, tokens: torch.Tensor, layers, *, batch_size:
         hooks.append(block.input_layernorm.register_forward_hook(lambda m, a, out, i=i: inputs[i].append(out.float())))
         hooks.append(block.self_attn.o_proj.register_forward_pre_hook(
             lambda m, a, i=i: heads[i].append(a[0].float().unflatten(-1, (cfg.n_heads, cfg.head_dim)))))
+        if cfg.qk_norm:  # what choosing between the q/k-norm variants compares against (mil_init)
+            hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: residual[i].append(a[0].float())))
+            hooks.append(block.self_attn.register_forward_hook(
+                lambda m, a, out, i=i, b=block: added[i].append(b.contribution(out[0]).float())))
     was_training = model.training
     model.eval()
     try:
@@ -229,6 +287,10 @@ def calibrate(model: TransformerLM, tokens: torch.Tensor, layers, *, batch_size:
         projection = (h.reshape(-1, h.shape[-1]) @ direction).median().item()
         out[i] = LayerCalibration(h, head_out.pow(2).mean(-1).sqrt().reshape(-1, cfg.n_heads).mean(0),
                                   direction, projection)
+        if cfg.qk_norm:
+            block = model.layers[i]
+            out[i].residual, out[i].contribution = torch.cat(residual[i]), torch.cat(added[i])
+            out[i].post_norm = block.post_attention_layernorm if hasattr(block, "pre_feedforward_layernorm") else None
     return out
 
 

@@ -92,8 +92,9 @@ def layer_scores(model, data: torch.Tensor, *, score: str = "local", mixer: str 
             x = inputs[i]
             h = block.input_layernorm(x)
             if score == "local":
-                attention = block.self_attn(h, *tables[i])[0]
-                replaced = mixers[i](h)[0]
+                # What each adds to the residual stream (after the norm that follows the mixer, in Gemma).
+                attention = block.contribution(block.self_attn(h, *tables[i])[0])
+                replaced = block.contribution(mixers[i](h)[0])
                 # Per token: a few tokens carry residual norms 100x the rest ("massive activations"), and
                 # a ratio of sums would rank layers by those tokens alone (rank correlation with the
                 # end-to-end KL 0.39 on SmolLM2, against 0.91 per token; docs/benchmarks.md).

@@ -362,12 +362,15 @@ class Block(nn.Module):
             h, new_state = self.mamba(h, state=state)
         return self.finish(x, h), new_state
 
+    def contribution(self, mixed: torch.Tensor) -> torch.Tensor:
+        """What the mixer's output ``mixed`` adds to the residual stream: itself, or normed (sandwich norms)."""
+        return self.post_attention_layernorm(mixed) if hasattr(self, "pre_feedforward_layernorm") else mixed
+
     def finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         """The rest of the layer once its mixer has given ``mixed`` for the residual stream ``x``."""
+        x = x + self.contribution(mixed)
         if hasattr(self, "pre_feedforward_layernorm"):
-            x = x + self.post_attention_layernorm(mixed)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + mixed
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
