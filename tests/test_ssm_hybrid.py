@@ -390,8 +390,9 @@ def test_leave_one_out_scores_restore_the_model():
         assert torch.equal(teacher(data), before)
 
 
-def test_progressive_conversion_keeps_trained_layers():
-    teacher = _teacher(n_layers=4)
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_progressive_conversion_keeps_trained_layers(family):
+    teacher = _teacher(n_layers=4) if family == "llama" else _gemma_teacher()
     data = torch.randint(0, 61, (2, 12))
     seen = []
 
