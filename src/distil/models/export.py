@@ -26,8 +26,8 @@ import torch
 
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
-from distil.models.families import require_llama_layout
-from distil.models.hf import _set_rope, hf_config_for, hf_state_dict, save_hf
+from distil.models.families import require_llama_layout, rope_dict, set_rope
+from distil.models.hf import hf_config_for, hf_state_dict, save_hf
 from distil.spec import EXPORT_FORMATS
 
 
@@ -78,10 +78,7 @@ def granite_config_for(model):
         attention_multiplier=cfg.head_dim**-0.5, embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0,
         layer_types=["attention" if k == "A" else "mamba" for k in cfg.pattern], attention_bias=False,
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.eos_token_id, **mamba)
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling:
-        rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
-    _set_rope(hf, rope)
+    set_rope(hf, rope_dict(cfg))
     hf.architectures = ["GraniteMoeHybridForCausalLM"]
     return hf
 

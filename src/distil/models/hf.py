@@ -17,7 +17,7 @@ import torch
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
 from distil.gguf import resolve_model_path
-from distil.models.families import SUPPORTED, family_for_hf, family_of, read_state, set_rope
+from distil.models.families import SUPPORTED, family_for_hf, family_of, read_state
 from distil.models.io import load_state, read_safetensors
 from distil.models.transformer import ModelConfig, TransformerLM
 
@@ -96,9 +96,6 @@ def hf_config_for(model: TransformerLM):
     if model.config.is_hybrid:
         raise DistilError("this is a hybrid model; export it with `distil export --format hf` (GraniteMoeHybrid)")
     return family_of(model.config).write(model.config)
-
-
-_set_rope = set_rope  # the name the hybrid export imports
 
 
 def hf_state_dict(model: TransformerLM, rename=None) -> dict[str, torch.Tensor]:
