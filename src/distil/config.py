@@ -164,6 +164,22 @@ class DataConfig:
 
 
 @dataclass
+class CrossTokenizerConfig:
+    """A teacher with another tokenizer (docs/cross-tokenizer.md): the text is re-tokenised for the
+    teacher, aligned by bytes, and the two sides compared group by group."""
+
+    mode: Literal["off", "uld", "hybrid"] = "off"  # uld: sorted L1 only; hybrid: loss.kind on matched entries + sorted L1
+    merge: Literal["first", "last"] = "first"  # which position scores a multi-token group
+    matched_weight: float | None = None  # hybrid: the matched part's weight (null: share of the teacher's vocabulary matched)
+    teacher_tokenizer: str | None = None  # the teacher's tokenizer (null: the one in teacher.path)
+
+    def __post_init__(self):
+        _check_literals(self)
+        if self.matched_weight is not None and not 0.0 <= self.matched_weight <= 1.0:
+            raise DistilError(f"loss.cross_tokenizer.matched_weight = {self.matched_weight!r} must lie in [0, 1]")
+
+
+@dataclass
 class LossConfig:
     """loss = ce_weight * CE(labels) + kd_weight * KD(student, teacher)."""
 
@@ -183,6 +199,7 @@ class LossConfig:
     # gkd (student samples with probability rollout.lmbda, the divergence above on them),
     # on_policy_rkl (per-token reverse KL on student samples), minillm (MiniLLM's policy gradient).
     policy: Literal["off", "gkd", "on_policy_rkl", "minillm"] = "off"
+    cross_tokenizer: CrossTokenizerConfig = field(default_factory=CrossTokenizerConfig)
 
     def __post_init__(self):
         _check_literals(self)
@@ -382,6 +399,7 @@ class Config:
 
     def __post_init__(self):
         self._check_policy()
+        self._check_cross_tokenizer()
         if self.teacher.source == "api" and not (self.api.base and self.api.model):
             raise DistilError("api.base and api.model are required when teacher.source is 'api'")
         if self.teacher.source == "none" and self.loss.kd_weight > 0:
@@ -415,6 +433,27 @@ class Config:
                 raise DistilError("hybrid.stages cannot be combined with loss.parallel 'vocab' yet")
         if self.teacher.source == "api" and self.loss.temperature != 1.0:
             raise DistilError("an API teacher gives log-probs at temperature 1; set loss.temperature = 1")
+
+    def _check_cross_tokenizer(self) -> None:
+        cross = self.loss.cross_tokenizer
+        if cross.mode == "off":
+            return
+        if self.teacher.source != "model":
+            raise DistilError(f"loss.cross_tokenizer needs a model teacher (teacher.source 'model'), not "
+                              f"{self.teacher.source!r}: caches and API answers in another tokenizer are not aligned yet")
+        if self.loss.kd_weight == 0:
+            raise DistilError("loss.cross_tokenizer is set but loss.kd_weight is 0: nothing is distilled")
+        if self.loss.topk or self.loss.kind not in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+                                                    "skew_reverse_kl", "tvd"):
+            raise DistilError("loss.cross_tokenizer compares full distributions: unset loss.topk and use a loss.kind "
+                              "among forward_kl, reverse_kl, jsd, skew_*, tvd")
+        if self.data.packing == "stream" or self.data.document_attention or self.loss.parallel != "none" \
+                or self.hybrid.stages:
+            raise DistilError("loss.cross_tokenizer works with concat packing without document_attention, no "
+                              "loss.parallel and no hybrid.stages")
+        if self.loss.policy not in ("off", "gkd") or self.rollout.seq_kd:
+            raise DistilError("loss.cross_tokenizer on-policy: use loss.policy gkd (without rollout.seq_kd); the "
+                              "sampled-token forms compare the two models token by token")
 
     def _check_policy(self) -> None:
         policy, rollout = self.loss.policy, self.rollout

@@ -20,7 +20,8 @@ KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"
 TOPK_KINDS = ("forward_kl", "reverse_kl", "soft_ce")
 ALL_KINDS = (*KINDS, "soft_ce")
 TAILS = ("bucket", "renormalize")  # how a top-k loss treats the mass outside the k entries
-SIGNALS = ("head", "logits", "topk", "token_logprobs")  # what a teacher can give (distil.teachers.base)
+# What a teacher can give (distil.teachers.base); "groups": a teacher with another tokenizer, aligned.
+SIGNALS = ("head", "logits", "topk", "token_logprobs", "groups")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from distil.errors import DistilError
+from distil.losses.cross_tokenizer import cross_tokenizer_loss
 from distil.losses.divergences import cross_entropy, kd_loss
 from distil.losses.fused import fused_linear_kd_loss
 from distil.losses.parallel import (
@@ -37,7 +38,7 @@ from distil.losses.policy import minillm_loss, sampled_reverse_kl
 from distil.losses.topk import topk_kd_loss
 from distil.spec import LossSpec, Request
 
-PATHS = ("ce", "topk", "head", "logits")
+PATHS = ("ce", "topk", "head", "logits", "cross")
 
 
 def _counted(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -59,6 +60,8 @@ class DistillLoss:
     group: object = None  # the process group of a vocab- or sequence-parallel loss
     policy: str = "off"  # off | gkd | on_policy_rkl | minillm (losses on the student's samples: losses.policy)
     max_weight: float = 5.0  # minillm: the importance weights' clip
+    cross_mode: str = "off"  # uld | hybrid: a teacher with another tokenizer (losses.cross_tokenizer)
+    matched_weight: float | None = None  # hybrid: the matched entries' weight (None: their share of the teacher's)
 
     @classmethod
     def from_config(cls, cfg, *, teacher_gives: tuple[str, ...] = (), teacher_k: int | None = None,
@@ -80,6 +83,9 @@ class DistillLoss:
             path, request = "head", Request("head")
         else:
             path, request = "logits", Request("logits")
+        cross = getattr(cfg, "cross_tokenizer", None)
+        if "groups" in teacher_gives and kd_weight:
+            path, request = "cross", Request("groups")
         if policy == "minillm" or (policy == "on_policy_rkl" and not exact):
             if "logits" in teacher_gives:
                 path, request = "logits", Request("logits")  # the sampled-token forms read both logits whole
@@ -92,9 +98,15 @@ class DistillLoss:
         return cls(spec=spec, path=path, ce_weight=cfg.ce_weight, kd_weight=kd_weight, fused=cfg.fused,
                    chunk_size=cfg.chunk_size, request=request, external_topk=topk_only, parallel=parallel,
                    group=tp_group, policy="on_policy_rkl_exact" if policy == "on_policy_rkl" and exact else policy,
-                   max_weight=rollout.max_weight if rollout is not None else 5.0)
+                   max_weight=rollout.max_weight if rollout is not None else 5.0,
+                   cross_mode=cross.mode if path == "cross" else "off",
+                   matched_weight=cross.matched_weight if path == "cross" else None)
 
     def describe(self) -> str:
+        if self.path == "cross":
+            part = "sorted L1 (ULD)" if self.cross_mode == "uld" else f"{self.spec.kind} on matched entries + sorted L1"
+            prefix = "GKD on student samples: " if self.policy == "gkd" else ""
+            return f"{prefix}cross-tokenizer {self.cross_mode}: {part}, over byte-aligned groups"
         what = {"ce": "cross-entropy only", "topk": f"{self.spec.kind} on the teacher's top-{self.request and self.request.k}",
                 "head": f"{self.spec.kind}, teacher through its LM head", "logits": f"{self.spec.kind} on full logits"}
         how = "vocabulary-parallel" if self.parallel == "vocab" else "fused with the LM head" if self.fused and \
@@ -143,6 +155,12 @@ class DistillLoss:
                 return fused_linear_kd_loss(hidden, head.weight, labels=labels, ce_weight=self.ce_weight,
                                             kd_weight=0.0, chunk_size=self.chunk_size, mask=mask)
             return self.ce_weight * cross_entropy(head(hidden), labels)
+        if self.path == "cross":
+            return cross_tokenizer_loss(hidden, head.weight, labels, signal.teacher, signal.index, mode=self.cross_mode,
+                                        kind=spec.kind, temperature=spec.temperature, beta=spec.beta, skew=spec.skew,
+                                        matched=signal.matched, matched_weight=self.matched_weight,
+                                        ce_weight=self.ce_weight, kd_weight=self.kd_weight, mask=mask,
+                                        student_next=signal.student_next)
         common = dict(kind=spec.kind, temperature=spec.temperature, mask=mask)
         if self.path == "topk":
             ids, logprobs, tail_lp = signal

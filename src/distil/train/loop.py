@@ -130,12 +130,13 @@ def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=N
     if teacher is None and cfg.teacher.source == "model":
         teacher = load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)
     docs = None
+    cross = cfg.loss.cross_tokenizer.mode  # a teacher with another tokenizer: the data is in the student's
     if tokenizer is None:
         if cfg.data.tokenizer:
             tokenizer = load_tokenizer(cfg.data.tokenizer)
         elif cfg.teacher.source == "cache" and has_tokenizer(Path(cfg.teacher.cache) / "tokenizer"):
             tokenizer = load_tokenizer(Path(cfg.teacher.cache) / "tokenizer")
-        elif cfg.teacher.source == "model" and has_tokenizer(cfg.teacher.path):
+        elif cfg.teacher.source == "model" and cross == "off" and has_tokenizer(cfg.teacher.path):
             tokenizer = load_tokenizer(cfg.teacher.path)
         elif cfg.student.path and has_tokenizer(cfg.student.path):
             tokenizer = load_tokenizer(cfg.student.path)
@@ -144,7 +145,7 @@ def prepare(cfg: Config, run: RunDir | None = None, *, teacher=None, tokenizer=N
             log.info("training a %d-token byte-level BPE on the training documents", cfg.data.vocab_size)
             tokenizer = train_bpe_tokenizer(docs[0], cfg.data.vocab_size, run.path / "tokenizer" if run else None)
     if not cfg.teacher.allow_tokenizer_mismatch:
-        if cfg.teacher.source == "model" and cfg.teacher.path and has_tokenizer(cfg.teacher.path):
+        if cross == "off" and cfg.teacher.source == "model" and cfg.teacher.path and has_tokenizer(cfg.teacher.path):
             check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher.path), f"the teacher's ({cfg.teacher.path})")
         if cfg.student.path and has_tokenizer(cfg.student.path):
             check_same_tokenizer(tokenizer, load_tokenizer(cfg.student.path), f"the student's ({cfg.student.path})")
@@ -164,7 +165,8 @@ def check_same_tokenizer(tokenizer, other, whose: str) -> None:
 
     raise DistilError(f"{whose} tokenizer ({describe(other)}) is not the data's ({describe(tokenizer)}); a model fed "
                       "another tokenizer's ids learns or teaches nonsense. Use its tokenizer (unset data.tokenizer), "
-                      "or set teacher.allow_tokenizer_mismatch: true if you mean it")
+                      "distil across tokenizers with loss.cross_tokenizer.mode: hybrid (or uld), or set "
+                      "teacher.allow_tokenizer_mismatch: true if you mean it")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -236,6 +238,8 @@ def setup(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
     model_teacher, tokenizer, data = prepare(cfg, run, teacher=teacher, tokenizer=tokenizer, data=data, info=info)
     teacher = build_teacher(cfg, tokenizer, data, info.device, model_teacher=model_teacher)
     teacher_vocab = teacher.vocab_size if teacher is not None else None
+    if teacher is not None and "groups" in teacher.gives:  # another tokenizer: its vocabulary is its own
+        teacher_vocab = None
     torch.manual_seed(cfg.train.seed)
     if student is None:
         student = load(cfg.student.path) if cfg.student.path else TransformerLM(

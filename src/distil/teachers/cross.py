@@ -1,0 +1,74 @@
+"""A teacher with another tokenizer: each student sequence is re-tokenised for it, aligned by bytes,
+and its scores handed over with the groups (distil.losses.cross_tokenizer).
+
+    teacher = CrossTokenizerTeacher(load_teacher(path), TokenizerPair(student_tok, teacher_tok), merge="first")
+    signal = teacher.signal(batch, Request("groups"))     # a CrossSignal
+
+The alignment runs on the CPU beside the step; ``align_seconds`` adds up its time (the benchmark
+reports it against the step's).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from distil.data.alignment import TokenizerPair
+from distil.losses.cross_tokenizer import CrossSignal, GroupIndex, TeacherSide
+from distil.spec import Request
+
+
+class CrossTokenizerTeacher:
+    gives = ("groups",)
+    carries_state = False
+
+    def __init__(self, teacher, pair: TokenizerPair, *, merge: str = "first"):
+        self.inner, self.pair, self.merge = teacher, pair, merge
+        self.name = teacher.name
+        self.matched = pair.matched()
+        self.pad_id = pair.teacher.eos if pair.teacher.eos is not None else 0
+        self.align_seconds = 0.0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.vocab_size
+
+    @property
+    def model(self):
+        return self.inner.model
+
+    def to(self, device):
+        self.inner.to(device)
+        return self
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def retokenize(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, GroupIndex]:
+        """The teacher's ids [batch, seq_t] (right-padded) and the groups of a student batch."""
+        start = time.perf_counter()
+        seqs = [self.pair.retokenize(row) for row in input_ids.tolist()]
+        length = max(2, max(len(s.ids) for s in seqs))
+        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+        index = GroupIndex.build([(s.groups.student, s.groups.teacher) for s in seqs], merge=self.merge,
+                                 student_len=input_ids.shape[1], teacher_len=length, counted=(labels != -100).cpu())
+        self.align_seconds += time.perf_counter() - start
+        return ids.to(input_ids.device), index
+
+    @torch.no_grad()
+    def signal(self, batch: dict, request: Request, stream: dict | None = None) -> CrossSignal:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        t_ids, index = self.retokenize(input_ids, labels)
+        next_ids = torch.cat([t_ids[:, 1:], t_ids[:, -1:]], 1).reshape(-1)
+        if "head" in self.inner.gives:
+            hidden, weight, _ = self.inner.head_inputs(t_ids)
+            side = TeacherSide(next_ids, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight)
+        else:
+            logits = self.inner.logits(t_ids)
+            side = TeacherSide(next_ids, logits=logits.reshape(-1, logits.shape[-1]))
+        following = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
+        student_next = torch.where(labels != -100, labels, following)
+        return CrossSignal(side, index, student_next, self.matched)

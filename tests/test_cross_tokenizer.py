@@ -1,0 +1,171 @@
+"""Cross-tokenizer losses (distil.losses.cross_tokenizer) against a float64 formula written out group
+by group: ULD and the hybrid, both group-merging rules, values and gradients; and the reduction to
+the ordinary loss when the tokenizers are the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import save_tiny_model, with_sections
+from distil.config import config_from_dict
+from distil.data.alignment import TokenizerPair
+from distil.errors import DistilError
+from distil.losses.cross_tokenizer import (
+    GroupIndex,
+    TeacherSide,
+    cross_tokenizer_loss,
+    reference_cross_tokenizer_loss,
+    sorted_l1,
+)
+from distil.losses.divergences import cross_entropy, kd_loss
+from distil.teachers import Request, load_teacher
+from distil.teachers.cross import CrossTokenizerTeacher
+from distil.train.loop import train
+from test_alignment import sentencepiece_tokenizer
+
+pytestmark = pytest.mark.numerics
+
+
+def _random_groups(rng, n_s, n_t):
+    """Random monotone groups: both sides cut into the same number of runs of 1-3 tokens."""
+    s_cuts, t_cuts = [0], [0]
+    while s_cuts[-1] < n_s - 3 and t_cuts[-1] < n_t - 3:
+        s_cuts.append(s_cuts[-1] + int(rng.integers(1, 4)))
+        t_cuts.append(t_cuts[-1] + int(rng.integers(1, 4)))
+    s = np.stack([s_cuts[:-1], s_cuts[1:]], 1)
+    t = np.stack([t_cuts[:-1], t_cuts[1:]], 1)
+    return s, t
+
+
+def _setup(seed=0, batch=2, n_s=12, n_t=10, v_s=23, v_t=31, hid=8):
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    h = torch.randn(batch, n_s, hid, dtype=torch.float64, generator=g)
+    w = torch.randn(v_s, hid, dtype=torch.float64, generator=g)
+    th = torch.randn(batch, n_t, hid, dtype=torch.float64, generator=g)
+    tw = torch.randn(v_t, hid, dtype=torch.float64, generator=g)
+    s_ids = torch.randint(0, v_s, (batch, n_s), generator=g)
+    t_ids = torch.randint(0, v_t, (batch, n_t), generator=g)
+    labels = torch.cat([s_ids[:, 1:], torch.full((batch, 1), -100)], 1)
+    labels[0, 3] = -100  # a position that does not count
+    rows = [_random_groups(rng, n_s, n_t) for _ in range(batch)]
+    matched = (np.array([0, 3, 5, 7, 11]), np.array([2, 4, 9, 1, 30]))
+    return h, w, th, tw, s_ids, t_ids, labels, rows, matched
+
+
+@pytest.mark.parametrize("merge", ["first", "last"])
+@pytest.mark.parametrize("mode,kind", [("uld", "forward_kl"), ("hybrid", "forward_kl"), ("hybrid", "reverse_kl"),
+                                       ("hybrid", "jsd")])
+def test_chunked_loss_equals_the_group_by_group_formula(mode, merge, kind):
+    h, w, th, tw, s_ids, t_ids, labels, rows, matched = _setup()
+    batch, n_s, _ = h.shape
+    n_t = th.shape[1]
+    index = GroupIndex.build(rows, merge=merge, student_len=n_s, teacher_len=n_t, counted=labels != -100)
+    assert index.groups > 4 and index.student_scale_rows.numel() > 0  # multi-token groups are exercised
+    t_next = torch.cat([t_ids[:, 1:], torch.zeros(batch, 1, dtype=torch.long)], 1).reshape(-1)
+    common = dict(mode=mode, kind=kind, matched=matched, ce_weight=0.3, kd_weight=0.7, temperature=1.5)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = cross_tokenizer_loss(h1, w1, labels, TeacherSide(t_next, hidden=th.reshape(-1, th.shape[-1]), weight=tw),
+                               index, chunk_size=3, student_next=torch.cat([s_ids[:, 1:], s_ids[:, :1]], 1), **common)
+    got.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = reference_cross_tokenizer_loss(h2 @ w2.t(), th @ tw.t(), labels, s_ids, t_ids, rows, merge=merge, **common)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_teacher_logits_give_the_same_loss_as_its_head_inputs():
+    h, w, th, tw, s_ids, t_ids, labels, rows, matched = _setup(seed=1)
+    index = GroupIndex.build(rows, merge="first", student_len=h.shape[1], teacher_len=th.shape[1])
+    t_next = torch.cat([t_ids[:, 1:], torch.zeros(2, 1, dtype=torch.long)], 1).reshape(-1)
+    flat = th.reshape(-1, th.shape[-1])
+    a = cross_tokenizer_loss(h, w, labels, TeacherSide(t_next, hidden=flat, weight=tw), index, matched=matched)
+    b = cross_tokenizer_loss(h, w, labels, TeacherSide(t_next, logits=flat @ tw.t()), index, matched=matched)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sorted_l1_is_uld_distance():
+    p = torch.tensor([[0.1, 0.6, 0.3]], dtype=torch.float64)
+    q = torch.tensor([[0.5, 0.05, 0.25, 0.2]], dtype=torch.float64)
+    # sorted: [.6 .3 .1 0] against [.5 .25 .2 .05]
+    assert sorted_l1(p, q).item() == pytest.approx(0.1 + 0.05 + 0.1 + 0.05)
+    assert sorted_l1(p, p).item() == 0.0
+
+
+def test_identical_tokenizers_reduce_the_group_loss_to_the_ordinary_loss(tmp_path, tiny_tokenizer, tiny_docs):
+    """Forced through the group path with one tokenizer on both sides: every group is one token,
+    every entry is matched, so the hybrid with matched_weight 1 is the ordinary KD + CE."""
+    teacher = load_teacher(save_tiny_model(tmp_path / "t", tiny_tokenizer, n_layers=1, seed=3))
+    teacher.model.double()
+    cross = CrossTokenizerTeacher(teacher, TokenizerPair(tiny_tokenizer, tiny_tokenizer))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([tiny_tokenizer(d, add_special_tokens=False)["input_ids"][:17] for d in tiny_docs[:2]])
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    signal = cross.signal(batch, Request("groups"))
+    assert signal.index.groups == 2 * 15  # every position but the first of each row
+    h = torch.randn(2, 16, 32, dtype=torch.float64, generator=g)
+    w = torch.randn(len(tiny_tokenizer), 32, dtype=torch.float64, generator=g)
+    got = cross_tokenizer_loss(h, w, batch["labels"], signal.teacher, signal.index, mode="hybrid", kind="reverse_kl",
+                               matched=signal.matched, matched_weight=1.0, ce_weight=0.5, student_next=signal.student_next)
+    t_logits = teacher.logits(batch["input_ids"])
+    counted = torch.ones(2, 16, dtype=torch.bool)
+    counted[:, 0] = False  # the first token of a sequence has no position before it
+    student_logits = h @ w.t()
+    keep = torch.tensor([i for i in range(len(tiny_tokenizer)) if i != tiny_tokenizer.eos_token_id])
+    shifted = torch.zeros_like(counted)
+    shifted[:, :-1] = counted[:, 1:]  # group g is scored at the position before its token
+    want = kd_loss(student_logits[..., keep], t_logits[..., keep], "reverse_kl", mask=shifted) + \
+        0.5 * cross_entropy(student_logits, batch["labels"])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def cross_setup(tmp_path, tiny_tokenizer, tiny_docs, tiny_corpus_file):
+    """A teacher in a SentencePiece-style tokenizer; the student in distil's BPE (saved for data.tokenizer)."""
+    teacher = save_tiny_model(tmp_path / "teacher", sentencepiece_tokenizer(tiny_docs), n_layers=1, seed=5)
+    tiny_tokenizer.save_pretrained(str(tmp_path / "student_tok"))
+    base = {"teacher": {"path": teacher},
+            "student": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+            "data": {"source": "jsonl", "path": str(tiny_corpus_file), "seq_len": 32, "val_fraction": 0.2,
+                     "tokenizer": str(tmp_path / "student_tok")},
+            "loss": {"kind": "forward_kl", "kd_weight": 1.0, "ce_weight": 0.0},
+            "train": {"steps": 8, "batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "progress": False, "val_every": 0,
+                      "log_every": 1, "device": "cpu"},
+            "eval": {"val_batches": 1}}
+    return lambda **sections: config_from_dict(with_sections(base, **sections))
+
+
+@pytest.mark.parametrize("mode", ["uld", "hybrid"])
+def test_training_across_tokenizers_lowers_the_cross_tokenizer_loss(cross_setup, mode):
+    result = train(cross_setup(loss={"cross_tokenizer": {"mode": mode}}))
+    losses = [r["loss"] for r in result.history]
+    assert all(np.isfinite(losses)) and len(losses) == 8
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_tokenizer_mismatch_is_refused_for_ordinary_kd_and_names_the_option(cross_setup):
+    with pytest.raises(DistilError, match="loss.cross_tokenizer"):
+        train(cross_setup())
+
+
+def test_identical_tokenizers_train_bit_for_bit_like_the_ordinary_loss(cross_setup, tmp_path, tiny_tokenizer):
+    teacher = save_tiny_model(tmp_path / "same", tiny_tokenizer, n_layers=1, seed=5)
+    plain = train(cross_setup(teacher={"path": teacher}, train={"steps": 3}))
+    cross = train(cross_setup(teacher={"path": teacher}, train={"steps": 3}, loss={"cross_tokenizer": {"mode": "hybrid"}}))
+    assert [r["loss"] for r in plain.history] == [r["loss"] for r in cross.history]
+
+
+@pytest.mark.parametrize("sections,message", [
+    ({"teacher": {"source": "cache", "cache": "x"}}, "needs a model teacher"),
+    ({"loss": {"topk": 8}}, "unset loss.topk"),
+    ({"data": {"packing": "stream"}}, "concat packing"),
+    ({"loss": {"policy": "minillm"}, "rollout": {"prompts": "corpus:topics"}}, "use loss.policy gkd"),
+])
+def test_unsupported_cross_tokenizer_settings_are_refused(cross_setup, sections, message):
+    loss = {**sections.pop("loss", {}), "cross_tokenizer": {"mode": "uld"}}
+    with pytest.raises(DistilError, match=message):
+        cross_setup(loss=loss, **sections)
