@@ -118,7 +118,7 @@ def test_docs_mention_every_config_field():
     for section in dataclasses.fields(Config):
         assert f"## {section.name}" in text, section.name
     for cls in (c.TeacherConfig, c.ApiConfig, c.StudentConfig, c.DataConfig, c.LossConfig, c.TrainConfig, c.EvalConfig,
-                c.HybridConfig, c.OutputConfig, c.AlignConfig, c.RolloutConfig):
+                c.HybridConfig, c.OutputConfig, c.AlignConfig, c.RolloutConfig, c.CrossTokenizerConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in text, f"{cls.__name__}.{f.name} is not documented in docs/config.md"
     for preset in PRESETS:

@@ -169,3 +169,14 @@ def test_unsupported_cross_tokenizer_settings_are_refused(cross_setup, sections,
     loss = {**sections.pop("loss", {}), "cross_tokenizer": {"mode": "uld"}}
     with pytest.raises(DistilError, match=message):
         cross_setup(loss=loss, **sections)
+
+
+def test_on_policy_gkd_across_tokenizers_grades_the_students_samples(cross_setup):
+    """λ = 1: every step the student writes completions to corpus prompts; they are re-tokenised for
+    the teacher and compared group by group (prompt positions do not count)."""
+    cfg = cross_setup(loss={"policy": "gkd", "cross_tokenizer": {"mode": "hybrid"}},
+                      rollout={"prompts": "corpus:topics", "max_new_tokens": 8, "lmbda": 1.0, "limit": 16},
+                      student={"max_seq_len": 128}, train={"steps": 3, "batch_size": 4})
+    result = train(cfg)
+    losses = [r["loss"] for r in result.history]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and all(v > 0 for v in losses)

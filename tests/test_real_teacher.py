@@ -82,14 +82,16 @@ def test_calibrated_mil_beats_random_and_deletion_at_conversion(setup):
 
 def test_calibrated_mil_stays_ahead_after_training_the_layer(setup):
     """30 reverse-KL steps of the converted layer alone (AdamW, lr 1e-3, 1 x 64 tokens a step, to keep
-    CI short). The layers below it are frozen and equal to the teacher's, so their output (the layer's
-    input) and the teacher's logits come from one teacher pass per batch, shared by both inits."""
+    CI short), at a middle and a late layer (an early one trains through ~27 layers a step: the
+    conversion test above covers layer 3). The layers below it are frozen and equal to the teacher's,
+    so their output (the layer's input) and the teacher's logits come from one teacher pass per
+    batch, shared by both inits."""
     from distil.hybrid.mil import calibrate
     from distil.hybrid.placement import _layer_inputs
     from distil.losses import kd_loss
 
     teacher, data = setup
-    layers = (3, 15, 27)
+    layers = (15, 27)
     calib = calibrate(teacher, data["calibration"], layers)
     generator = torch.Generator().manual_seed(0)
     batches = []

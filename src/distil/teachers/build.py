@@ -29,7 +29,7 @@ def build_teacher(cfg: Config, tokenizer, data, device, *, model_teacher: Teache
         return ApiTeacher.from_config(cfg.api, tokenizer)
     teacher = model_teacher or load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)
     cross = cfg.loss.cross_tokenizer
-    if cross.mode != "off":
+    if cross.mode != "off" and not isinstance(teacher, CrossTokenizerTeacher):
         pair = TokenizerPair(tokenizer, load_tokenizer(cross.teacher_tokenizer or cfg.teacher.path))
         if pair.identical:
             log.info("loss.cross_tokenizer: the teacher's tokenizer is the student's; the ordinary loss")
