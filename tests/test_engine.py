@@ -47,14 +47,23 @@ def _train(cfg, run, *extra):
                           capture_output=True, text=True, env=ENV, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_tokenizer, tiny_docs):
+    """One 24-step run (checkpoints every 4 steps) that both kill points are compared against."""
+    tmp = tmp_path_factory.mktemp("resume")
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_docs))
+    cfg = _setup(tmp, tiny_tokenizer, corpus, steps=24)
+    whole = tmp / "whole"
+    assert _train(cfg, whole).returncode == 0
+    return cfg, _losses(whole)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_step", [6, 17])
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_tokenizer, tiny_corpus_file, kill_after_step):
-    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file)
-    whole = tmp_path / "whole"
-    assert _train(cfg, whole).returncode == 0
-    reference = _losses(whole)
-    assert sorted(reference) == list(range(1, 41))
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, uninterrupted, kill_after_step):
+    cfg, reference = uninterrupted
+    assert sorted(reference) == list(range(1, 25))
 
     killed = tmp_path / "killed"
     # The run kills itself (SIGKILL) at a fixed point: once step `kill_after_step` is logged.
@@ -71,18 +80,29 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_
     assert _losses(killed) == reference  # bit-for-bit, every step
     assert (killed / "summary.json").exists()
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert kept == ["step_00000036", "step_00000040"]  # keep_checkpoints = 2
+    assert kept == ["step_00000020", "step_00000024"]  # keep_checkpoints = 2
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_tokenizer, tiny_docs):
+    """The single-process run both two-process kinds are compared against (train.parallel does not
+    change a single process)."""
+    tmp = tmp_path_factory.mktemp("one")
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_docs))
+    cfg = _setup(tmp, tiny_tokenizer, corpus, steps=6, checkpoint_every=3)
+    single = tmp / "single"
+    assert _train(cfg, single).returncode == 0
+    return cfg, single
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_train_like_one(tmp_path, tiny_tokenizer, tiny_corpus_file, parallel):
-    cfg = _setup(tmp_path, tiny_tokenizer, tiny_corpus_file, steps=6, checkpoint_every=3, parallel=parallel)
-    single = tmp_path / "single"
-    assert _train(cfg, single).returncode == 0
+def test_two_processes_train_like_one(tmp_path, one_process, parallel):
+    cfg, single = one_process
     double = tmp_path / "double"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "distil", "train", str(cfg), "--run-dir", str(double)],
+                          "-m", "distil", "train", str(cfg), "--run-dir", str(double), "--set", f"train.parallel={parallel}"],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = _losses(single), _losses(double)
