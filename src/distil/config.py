@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from distil.errors import DistilError
-from distil.spec import ALL_KINDS, TAILS, TOPK_KINDS
+from distil.spec import ALL_KINDS, KINDS, TAILS, TOPK_KINDS
 
 log = logging.getLogger("distil")
 
@@ -443,8 +443,7 @@ class Config:
                               f"{self.teacher.source!r}: caches and API answers in another tokenizer are not aligned yet")
         if self.loss.kd_weight == 0:
             raise DistilError("loss.cross_tokenizer is set but loss.kd_weight is 0: nothing is distilled")
-        if self.loss.topk or self.loss.kind not in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
-                                                    "skew_reverse_kl", "tvd"):
+        if self.loss.topk or self.loss.kind not in KINDS or self.loss.kind == "mse":
             raise DistilError("loss.cross_tokenizer compares full distributions: unset loss.topk and use a loss.kind "
                               "among forward_kl, reverse_kl, jsd, skew_*, tvd")
         if self.data.packing == "stream" or self.data.document_attention or self.loss.parallel != "none" \

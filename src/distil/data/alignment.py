@@ -123,16 +123,10 @@ class TokenBytes:
         as filler entries with id -1, which align with nothing."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        lengths = self.lengths(ids)
         data = text.encode("utf-8")
-        joined = self.join(ids)
-        if joined == data:
-            return ids, lengths
-        if joined == b" " + data:  # a prefix space the tokenizer adds (SentencePiece add_dummy_prefix)
-            first = next(i for i, n in enumerate(lengths) if n)
-            lengths[first] -= 1
-            return ids, lengths
-        found = self._by_search(data, ids)
+        if self.join(ids) == data:
+            return ids, self.lengths(ids)
+        found = self._by_search(data, ids)  # a prefix space the tokenizer adds, or bytes it dropped
         return found if found is not None else self._from_offsets(text, ids, enc.get("offset_mapping"))
 
     def _by_search(self, data: bytes, ids: list[int]):

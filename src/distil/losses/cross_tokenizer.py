@@ -24,7 +24,7 @@ The loss is the sum over groups divided by their count, plus ``ce_weight`` * CE 
 own labels. Groups are processed ``chunk_size`` at a time and each chunk's gradient is folded into
 the hidden states' and head's at once (as in the fused loss), so neither side's [groups x vocab]
 scores exist whole. tests/test_cross_tokenizer.py checks value and gradients against a float64
-formula written out group by group.
+formula written out group by group (its ``reference_loss``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from distil.errors import DistilError
-from distil.losses.divergences import compute_dtype, cross_entropy, kd_loss, safe_log_softmax
+from distil.losses.divergences import compute_dtype, kd_loss, safe_log_softmax
 from distil.losses.fused import fused_linear_kd_loss, head_logits
 
 MODES = ("uld", "hybrid")
@@ -182,8 +182,7 @@ class _ChunkedGroupLoss(torch.autograd.Function):
     once and folded into the hidden rows', the head weight's and the scales' gradients."""
 
     @staticmethod
-    def forward(ctx, hidden_rows, weight, s_scale, t_scale, teacher, t_rows, options):
-        chunk = options.pop("chunk_size")
+    def forward(ctx, hidden_rows, weight, s_scale, t_scale, teacher, t_rows, chunk, options):
         total = torch.zeros((), dtype=torch.float64, device=hidden_rows.device)
         grad_h = torch.zeros_like(hidden_rows)
         grad_w = torch.zeros_like(weight) if weight.requires_grad else None
@@ -211,7 +210,7 @@ class _ChunkedGroupLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_scale, *rest = ctx.saved_tensors
         grad_w = rest[0] * grad_out if rest else None
-        return grad_h * grad_out, grad_w, grad_scale * grad_out, None, None, None, None
+        return grad_h * grad_out, grad_w, grad_scale * grad_out, None, None, None, None, None
 
 
 def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher: TeacherSide,
@@ -247,16 +246,14 @@ def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             t_scale = torch.zeros(index.groups, dtype=dtype, device=device).index_add(0, index.teacher_scale_group,
                                                                                      t_tok)
         chunk = chunk_size or max(16, min(256, 2**24 // (weight.shape[0] + teacher.vocab_size)))
-        options = dict(mode=mode, kind=kind, temperature=temperature, beta=beta, skew=skew, chunk_size=chunk)
+        options = dict(mode=mode, kind=kind, temperature=temperature, beta=beta, skew=skew)
         if mode == "hybrid":
             options.update(_matched_options(matched, weight.shape[0], teacher.vocab_size, matched_weight, device))
         total = _ChunkedGroupLoss.apply(flat_h[index.student_rows], weight, s_scale, t_scale, teacher,
-                                        index.teacher_rows, options)
+                                        index.teacher_rows, chunk, options)
         loss = kd_weight * total / index.groups
     if ce_weight:
-        counted = mask if mask is not None else None
-        ce = ce_weight * fused_linear_kd_loss(hidden, weight, labels=labels, ce_weight=1.0, kd_weight=0.0,
-                                              mask=counted)
+        ce = ce_weight * fused_linear_kd_loss(hidden, weight, labels=labels, ce_weight=1.0, kd_weight=0.0, mask=mask)
         loss = ce if loss is None else loss + ce
     if loss is None:  # no group and no CE: a zero that still reaches the parameters
         loss = (flat_h.sum() * 0.0) + (weight.sum() * 0.0)
@@ -274,45 +271,3 @@ def _matched_options(matched, student_vocab: int, teacher_vocab: int, matched_we
     weight = len(t_ids) / teacher_vocab if matched_weight is None else matched_weight
     return {"matched": (s_ids, t_ids, s_rest.nonzero().squeeze(-1), t_rest.nonzero().squeeze(-1)),
             "matched_weight": float(weight)}
-
-
-def reference_cross_tokenizer_loss(student_logits, teacher_logits, labels, student_ids, teacher_ids, rows, *, mode,
-                                   merge, kind="forward_kl", matched=None, matched_weight=None, ce_weight=0.0,
-                                   kd_weight=1.0, temperature=1.0):
-    """The same loss written out group by group on materialised logits ([batch, seq, V]), for tests.
-    ``student_ids`` / ``teacher_ids``: [batch, seq] the tokens each side read."""
-    terms = []
-    for b, (s_groups, t_groups) in enumerate(rows):
-        for (a, e), (c, d) in zip(np.asarray(s_groups).tolist(), np.asarray(t_groups).tolist()):
-            if a < 1 or c < 1 or labels[b, _positions(a, e, merge)[0]] == -100:
-                continue
-            vecs = []
-            for logits, ids, lo, hi in ((student_logits[b], student_ids[b], a, e), (teacher_logits[b], teacher_ids[b], c, d)):
-                logp = torch.log_softmax(logits / temperature, dim=-1)
-                row, scale_rows = _positions(lo, hi, merge)
-                scale = sum((logp[p, ids[p + 1]] for p in scale_rows), torch.zeros((), dtype=logp.dtype))
-                vecs.append((logits[row], logp[row], scale))
-            (s_logits, s_logp, s_scale), (t_logits, t_logp, t_scale) = vecs
-            s_p, t_p = (s_logp + s_scale).exp(), (t_logp + t_scale).exp()
-            if mode == "uld":
-                terms.append(_sorted_l1_naive(s_p, t_p))
-                continue
-            s_ids, t_ids = (torch.as_tensor(np.asarray(m)) for m in matched)
-            share = len(t_ids) / t_logits.shape[-1] if matched_weight is None else matched_weight
-            part = kd_loss(s_logits[s_ids][None], t_logits[t_ids][None], kind, temperature=temperature,
-                           reduction="sum")
-            s_rest = [i for i in range(len(s_p)) if i not in set(s_ids.tolist())]
-            t_rest = [i for i in range(len(t_p)) if i not in set(t_ids.tolist())]
-            terms.append(share * part + (1 - share) * _sorted_l1_naive(s_p[s_rest], t_p[t_rest]))
-    loss = kd_weight * torch.stack(terms).mean()
-    if ce_weight:
-        loss = loss + ce_weight * cross_entropy(student_logits, labels)
-    return loss
-
-
-def _sorted_l1_naive(p, q):
-    p, q = sorted(p, reverse=True), sorted(q, reverse=True)
-    n = max(len(p), len(q))
-    zero = torch.zeros((), dtype=torch.float64)
-    p, q = p + [zero] * (n - len(p)), q + [zero] * (n - len(q))
-    return sum(((x - y).abs() for x, y in zip(p, q)), zero)
