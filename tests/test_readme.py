@@ -85,6 +85,9 @@ def test_using_it_runs_top_to_bottom_in_a_fresh_folder(tmp_path, monkeypatch, ca
 
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["architectures"] == ["GraniteMoeHybridForCausalLM"]
     assert len(json.loads((tmp_path / "hybrid" / "layer_scores.json").read_text())["ssm_layers"]) == 2
+    import gguf
+
+    assert gguf.GGUFReader(tmp_path / "student.gguf").fields["general.architecture"].contents() == "granitehybrid"
     assert (tmp_path / "caches" / "api" / "manifest.json").is_file()
     report = (tmp_path / "reports" / "ce-vs-kd" / "report.md").read_text()
     assert "final_accuracy.png" in report  # the demo's final accuracies, read from its run folders

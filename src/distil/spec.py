@@ -84,4 +84,6 @@ EXPORT_FORMATS = {
           "all-attention models as Llama, Mamba2 hybrids of Llama-layout models as GraniteMoeHybrid",
     "hf-remote": "every distil model (Qwen3 / Gemma 3 hybrids, size-matched or discrete Mamba2 layers too) with its "
                  "own modeling code, loaded with trust_remote_code=True",
+    "gguf": "one GGUF file for llama.cpp / Ollama / LM Studio: all-attention models as llama, Mamba2 hybrids as "
+            "granitehybrid, with the tokenizer and chat template (--gguf-type f32, f16 or q8_0)",
 }

@@ -3,6 +3,7 @@ GraniteMoeHybrid, and everything else through its family or with its own modelin
 
     export(model, "out/", "hf")          # all-attention -> its family's class; attention + Mamba2 -> GraniteMoeHybrid
     export(model, "out/", "hf-remote")   # any distil model, loaded with trust_remote_code=True (distil.models.remote)
+    export(model, "s.gguf", "gguf", gguf_type="q8_0")  # llama.cpp (distil.models.llamacpp)
 
 GraniteMoeHybrid with ``num_local_experts=0`` is a Llama-style decoder whose layers are attention
 or Mamba2 (mamba_ssm layout), with a dense ``shared_mlp`` holding [gate | up] in ``input_linear``
@@ -125,8 +126,14 @@ def export_remote_code(model, path: str | Path, *, tokenizer=None, overwrite: bo
     return export_remote(model, path, tokenizer=tokenizer, overwrite=overwrite)
 
 
+def export_llamacpp(model, path: str | Path, *, tokenizer=None, overwrite: bool = True, gguf_type: str = "f16") -> str:
+    from distil.models.llamacpp import export_gguf
+
+    return export_gguf(model, path, tokenizer=tokenizer, overwrite=overwrite, gguf_type=gguf_type)
+
+
 # The export formats, one registry: name -> writer (what each writes: distil.spec.EXPORT_FORMATS).
-FORMATS = {"hf": export_hf, "hf-remote": export_remote_code}
+FORMATS = {"hf": export_hf, "hf-remote": export_remote_code, "gguf": export_llamacpp}
 assert set(FORMATS) == set(EXPORT_FORMATS)
 
 

