@@ -231,7 +231,6 @@ def test_llama_cpp_computes_what_distil_computes(tmp_path, tiny_tokenizer, patte
 
 def test_cli_export_gguf_prints_how_to_run_it(tmp_path, tiny_tokenizer, capsys):
     from conftest import save_tiny_model
-
     from distil.cli import main
 
     checkpoint = save_tiny_model(tmp_path / "student", tiny_tokenizer, n_layers=2, seed=0)
