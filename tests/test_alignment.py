@@ -141,6 +141,30 @@ def test_a_window_cut_anywhere_aligns_the_bytes_it_shares(name, text, cut, tiny_
         last_s, last_t = b, d
 
 
+@pytest.mark.parametrize("name", PAIRS)
+@SETTINGS
+@given(reply=MIXED)
+def test_a_reply_after_each_sides_own_prompt_aligns_only_the_reply(name, reply, tiny_tokenizer, sp_tokenizer):
+    """Chat in each side's own template: the prompts are different text, so the groups cover the
+    reply alone, every reply byte once, at the reply's positions in the two whole rows."""
+    pair = _pair(name, tiny_tokenizer, sp_tokenizer)
+    s_prompt, _ = pair.student.encode("<user> Say it.\n<assistant>")
+    t_prompt, _ = pair.teacher.encode("### user: Say it.\n\n### assistant:")
+    s_reply, _ = pair.student.encode(reply)
+    # Bytes a tokenizer drops (SmolLM2 lacks a few byte tokens) can be in no group: then only order holds.
+    dropped = -1 in s_reply or -1 in pair.teacher.encode(reply)[0]
+    s_reply = [i for i in s_reply if i >= 0]
+    row = pair.retokenize_reply(t_prompt, len(s_prompt), s_reply)
+    assert row.ids[:len(t_prompt)] == t_prompt and len(row.lengths) == len(row.ids)
+    covered, last = b"", len(s_prompt)
+    for (a, b), (c, d) in zip(row.groups.student, row.groups.teacher):
+        assert a >= last and c >= len(t_prompt) and b > a and d > c
+        chunk = pair.student.join(s_reply[a - len(s_prompt):b - len(s_prompt)])
+        assert pair.teacher.join(row.ids[c:d]).endswith(chunk) and sum(row.lengths[c:d]) == len(chunk)
+        covered, last = covered + chunk, b
+    assert covered == pair.student.join(s_reply) or dropped  # every reply byte, exactly once
+
+
 def test_identical_tokenizers_give_one_token_groups(tiny_tokenizer, tiny_docs):
     pair = TokenizerPair(tiny_tokenizer, tiny_tokenizer)
     assert pair.identical

@@ -4,6 +4,8 @@ the ordinary loss when the tokenizers are the same."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,85 @@ def test_on_policy_gkd_across_tokenizers_grades_the_students_samples(cross_setup
     result = train(cfg)
     losses = [r["loss"] for r in result.history]
     assert len(losses) == 3 and all(np.isfinite(losses)) and all(v > 0 for v in losses)
+
+
+STUDENT_CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEACHER_CHAT = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+                "{% if add_generation_prompt %}### assistant:{% endif %}")
+
+
+@pytest.fixture
+def chat_setup(tmp_path, tiny_tokenizer, tiny_docs, cross_setup, monkeypatch):
+    """Chat prompts, a student tokenizer and a teacher tokenizer with different chat templates."""
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", STUDENT_CHAT)
+    tiny_tokenizer.save_pretrained(str(tmp_path / "chat_student"))
+    teacher_tok = sentencepiece_tokenizer(tiny_docs)
+    teacher_tok.chat_template = TEACHER_CHAT
+    teacher = save_tiny_model(tmp_path / "chat_teacher", teacher_tok, n_layers=1, seed=5)
+    records = [{"messages": [{"role": "user", "content": f"Explain the {word} of the module."},
+                             {"role": "assistant", "content": f"The {word} is defined in the module."}]}
+               for word in ("value", "name", "class", "function", "object", "list", "type", "method")]
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def make(lmbda):
+        return cross_setup(teacher={"path": teacher}, data={"tokenizer": str(tmp_path / "chat_student")},
+                           loss={"policy": "gkd", "cross_tokenizer": {"mode": "hybrid"}},
+                           rollout={"prompts": str(prompts), "max_new_tokens": 8, "lmbda": lmbda},
+                           student={"max_seq_len": 128}, train={"steps": 2, "batch_size": 4})
+    return make, records, teacher_tok
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_chat_prompts_reach_the_teacher_in_its_own_template(chat_setup, tiny_tokenizer, monkeypatch, lmbda):
+    """Each side reads the messages in its own chat template; the teacher reads the student's reply
+    (dataset's at λ = 0, sampled at λ = 1) after its own prompt, and only reply positions are scored."""
+    make, records, teacher_tok = chat_setup
+    rendered = {teacher_tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True)
+                for r in records}
+    own = {tuple(teacher_tok(text, add_special_tokens=False)["input_ids"]) for text in rendered}
+    pair = TokenizerPair(tiny_tokenizer, teacher_tok)
+    seen = []
+    original = CrossTokenizerTeacher.retokenize
+
+    def spy(self, input_ids, labels, teacher_prompts=None):
+        t_ids, index = original(self, input_ids, labels, teacher_prompts)
+        seen.append((input_ids, labels, teacher_prompts, t_ids, index))
+        return t_ids, index
+    monkeypatch.setattr(CrossTokenizerTeacher, "retokenize", spy)
+    result = train(make(lmbda))
+    assert len(result.history) == 2 and all(np.isfinite(r["loss"]) for r in result.history)
+    assert seen
+    for input_ids, labels, prompts, t_ids, index in seen:
+        assert prompts is not None and len(prompts) == input_ids.shape[0]
+        for b, (t_prompt, s_len) in enumerate(prompts):
+            assert tuple(t_prompt) in own  # the teacher's own template, tokenised by itself
+            assert t_ids[b, :len(t_prompt)].tolist() == list(t_prompt)
+            assert tiny_tokenizer.decode(input_ids[b, :s_len].tolist()).startswith("<user>")  # the student's template
+            assert (labels[b, :s_len - 1] == -100).all() and labels[b, s_len - 1] != -100
+            s_reply = [i for i in input_ids[b, s_len:].tolist() + [int(labels[b, -1])] if i != -100]
+            reply_bytes = pair.student.join([i for i in s_reply if i != tiny_tokenizer.eos_token_id])
+            t_reply = [i for i in t_ids[b, len(t_prompt):].tolist() if i != teacher_tok.eos_token_id]
+            if lmbda == 0:  # the dataset's reply, as the teacher reads it (SentencePiece adds its prefix space);
+                # a sampled reply may hold stray bytes, which align with nothing (test_alignment)
+                assert pair.teacher.join(t_reply).lstrip(b" ") == reply_bytes.lstrip(b" ")
+                assert b"The " in reply_bytes
+        width, t_width = input_ids.shape[1], t_ids.shape[1]
+        assert index.groups > 0
+        for b, (t_prompt, s_len) in enumerate(prompts):  # prompt positions are never scored, on either side
+            assert (index.student_rows[index.student_rows // width == b] % width >= s_len - 1).all()
+            assert (index.teacher_rows[index.teacher_rows // t_width == b] % t_width >= len(t_prompt) - 1).all()
+
+
+def test_a_chat_template_missing_on_the_teachers_side_is_one_line(chat_setup, tmp_path, tiny_docs):
+    make, _, teacher_tok = chat_setup
+    teacher_tok.chat_template = None
+    bare = save_tiny_model(tmp_path / "bare_teacher", teacher_tok, n_layers=1, seed=5)
+    cfg = make(1.0)
+    cfg.teacher.path = bare
+    with pytest.raises(DistilError, match="the teacher's tokenizer has no chat template"):
+        train(cfg)
 
 
 def _scored_at(start, end, merge):

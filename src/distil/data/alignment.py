@@ -280,14 +280,14 @@ class TokenizerPair:
                 t_ids.append(j)
         return np.asarray(s_ids, dtype=np.int64), np.asarray(t_ids, dtype=np.int64)
 
-    def retokenize(self, student_ids) -> Retokenized:
+    def retokenize(self, student_ids, *, bos: bool = True) -> Retokenized:
         """The teacher's ids for the text of ``student_ids`` (one sequence, e.g. a training window) and
         the groups. The text is cut at the student's special tokens; each piece is tokenised by the
         teacher alone, and a student EOS becomes the teacher's EOS (then its BOS where it wants one).
-        The teacher's BOS opens the sequence where its tokenizer adds one."""
+        The teacher's BOS opens the sequence where its tokenizer adds one (and ``bos``)."""
         ids = [int(i) for i in student_ids]
         s_len = self.student.lengths(ids)
-        t_ids: list[int] = [self.teacher_bos] if self.teacher_bos is not None else []
+        t_ids: list[int] = [self.teacher_bos] if bos and self.teacher_bos is not None else []
         t_len: list[int] = [0] * len(t_ids)
         i = 0
         while i < len(ids):
@@ -320,6 +320,16 @@ class TokenizerPair:
             t_ids = [t_ids[k] for k in keep]
             t_len = [t_len[k] for k in keep]
         return Retokenized(t_ids, t_len, groups)
+
+    def retokenize_reply(self, teacher_prompt, student_prompt_len: int, student_reply) -> Retokenized:
+        """A chat row whose prompt each side renders with its own chat template: the teacher reads its
+        own prompt ids (``teacher_prompt``), then the text of the student's reply tokens; the groups
+        cover the reply only (the two prompts are different text), as positions of the whole rows
+        (the student's prompt is ``student_prompt_len`` tokens)."""
+        prompt = [int(i) for i in teacher_prompt]
+        reply = self.retokenize(student_reply, bos=False)
+        groups = Groups(reply.groups.student + student_prompt_len, reply.groups.teacher + len(prompt))
+        return Retokenized(prompt + reply.ids, [int(n) for n in self.teacher.lengths(prompt)] + reply.lengths, groups)
 
     def _special(self, student_id: int) -> list[int]:
         s, t = self.student, self.teacher

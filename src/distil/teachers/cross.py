@@ -45,10 +45,16 @@ class CrossTokenizerTeacher:
     def close(self) -> None:
         self.inner.close()
 
-    def retokenize(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, GroupIndex]:
-        """The teacher's ids [batch, seq_t] (right-padded) and the groups of a student batch."""
+    def retokenize(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                   teacher_prompts: list | None = None) -> tuple[torch.Tensor, GroupIndex]:
+        """The teacher's ids [batch, seq_t] (right-padded) and the groups of a student batch.
+        ``teacher_prompts``: per row, None or (the prompt in the teacher's own chat template, the
+        student's prompt length); such a row is that prompt, then the student's reply re-tokenised."""
         start = time.perf_counter()
-        seqs = [self.pair.retokenize(row) for row in input_ids.tolist()]
+        prompts = teacher_prompts or [None] * input_ids.shape[0]
+        seqs = [self.pair.retokenize(row) if prompt is None else
+                self.pair.retokenize_reply(prompt[0], prompt[1], row[prompt[1]:])
+                for row, prompt in zip(input_ids.tolist(), prompts)]
         length = max(2, max(len(s.ids) for s in seqs))
         ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
         for b, s in enumerate(seqs):
@@ -61,7 +67,7 @@ class CrossTokenizerTeacher:
     @torch.no_grad()
     def signal(self, batch: dict, request: Request, stream: dict | None = None) -> CrossSignal:
         input_ids, labels = batch["input_ids"], batch["labels"]
-        t_ids, index = self.retokenize(input_ids, labels)
+        t_ids, index = self.retokenize(input_ids, labels, batch.get("teacher_prompts"))
         next_ids = torch.cat([t_ids[:, 1:], t_ids[:, -1:]], 1).reshape(-1)
         if "head" in self.inner.gives:
             hidden, weight, _ = self.inner.head_inputs(t_ids)

@@ -70,8 +70,10 @@ class RolloutBatches:
     @classmethod
     def from_config(cls, cfg, info, tokenizer, *, student, teacher=None, rows: int | None = None) -> RolloutBatches:
         r = cfg.rollout
+        pair = getattr(teacher, "pair", None)  # a teacher with another tokenizer reads chat in its own template
         prompts = load_prompts(r.prompts, tokenizer, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                               max_prompt_tokens=r.max_prompt_tokens, limit=r.limit, seed=cfg.data.seed)
+                               max_prompt_tokens=r.max_prompt_tokens, limit=r.limit, seed=cfg.data.seed,
+                               teacher_tokenizer=pair.teacher.tokenizer if pair is not None else None)
         return cls(prompts, cfg, info, tokenizer, student=student, teacher=teacher, rows=rows)
 
     # -- the batch-source protocol ---------------------------------------------------------------
@@ -113,7 +115,8 @@ class RolloutBatches:
         self.last_on_policy = source in ("student", "mixed")
         prompts = [self.prompts[int(i)] for i in index]
         if source == "data":
-            rows = [(list(p.ids), list(p.completion), None) for p in prompts for _ in range(r.num_generations)]
+            rows = [(list(p.ids), list(p.completion), None, p.teacher_ids) for p in prompts
+                    for _ in range(r.num_generations)]
             return self._micro_batches(rows)
         # Prompts of the same length are sampled together (one batched call; no padding needed).
         by_length: dict[int, list[int]] = {}
@@ -133,16 +136,18 @@ class RolloutBatches:
                 samples[j] = []
                 for row in range(k * r.num_generations, (k + 1) * r.num_generations):
                     n = int(lengths[row])
-                    samples[j].append((list(prompts[j].ids), tokens[row, :n].tolist(), logprobs[row, :n].tolist()))
+                    samples[j].append((list(prompts[j].ids), tokens[row, :n].tolist(), logprobs[row, :n].tolist(),
+                                       prompts[j].teacher_ids))
         return self._micro_batches([row for j in range(len(prompts)) for row in samples[j]])
 
     def _micro_batches(self, rows) -> list[dict]:
-        """Right-padded [rows, width] tensors, labels -100 on the prompt's and the padding's positions."""
-        width = max(len(p) + len(c) for p, c, _ in rows) - 1
+        """Right-padded [rows, width] tensors, labels -100 on the prompt's and the padding's positions;
+        with chat prompts in a teacher's own template, those ids and each row's prompt length."""
+        width = max(len(p) + len(c) for p, c, _, _ in rows) - 1
         input_ids = np.full((len(rows), width), self.pad, dtype=np.int64)
         labels = np.full((len(rows), width), -100, dtype=np.int64)
         sample_lp = np.zeros((len(rows), width), dtype=np.float32)
-        for j, (prompt, completion, logprobs) in enumerate(rows):
+        for j, (prompt, completion, logprobs, _) in enumerate(rows):
             full = prompt + completion
             input_ids[j, : min(len(full), width)] = full[:width]  # labels[i] is always input_ids[i + 1]
             # Position i predicts token i + 1: the first completion token is predicted at len(prompt) - 1.
@@ -150,7 +155,7 @@ class RolloutBatches:
             labels[j, start : start + len(completion)] = completion
             if logprobs is not None:
                 sample_lp[j, start : start + len(completion)] = logprobs
-        self.step_tokens = sum(len(p) + len(c) for p, c, _ in rows)  # what tokens/s counts for this step
+        self.step_tokens = sum(len(p) + len(c) for p, c, _, _ in rows)  # what tokens/s counts for this step
         counted = (labels != -100).sum()
         if counted == 0:
             raise DistilError("a rollout step has no completion tokens to train on (every sample ended at once?)")
@@ -162,4 +167,6 @@ class RolloutBatches:
                         "labels": torch.from_numpy(labels[part]).to(self.device),
                         "sample_logprobs": torch.from_numpy(sample_lp[part]).to(self.device),
                         "loss_scale": float(share), "on_policy": self.last_on_policy})
+            if any(t is not None for *_, t in rows[part]):
+                out[-1]["teacher_prompts"] = [(t, len(p)) if t is not None else None for p, _, _, t in rows[part]]
         return out
