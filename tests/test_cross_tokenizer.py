@@ -262,6 +262,26 @@ def test_a_chat_template_missing_on_the_teachers_side_is_one_line(chat_setup, tm
         train(cfg)
 
 
+def test_a_vocabulary_larger_than_memory_allows_is_one_line(cross_setup, tiny_tokenizer, tiny_docs, monkeypatch):
+    """The loss's smallest step (head inputs) and a teacher's whole logits (no head inputs) are checked
+    against the free memory before they are made."""
+    import distil.teachers.cross as cross
+
+    monkeypatch.setattr(cross, "available_memory", lambda device: 100_000)  # 100 kB free
+    with pytest.raises(DistilError, match=r"vocabulary entries.*GB free on cpu; use tokenizers with smaller"):
+        train(cross_setup(loss={"cross_tokenizer": {"mode": "hybrid"}}))
+
+    class LogitsOnly:  # a teacher that gives whole logits only
+        gives, vocab_size, name = ("logits",), 5000, "logits-only"
+
+        def logits(self, ids):
+            raise AssertionError("the logits must not be made")
+    teacher = CrossTokenizerTeacher(LogitsOnly(), TokenizerPair(tiny_tokenizer, sentencepiece_tokenizer(tiny_docs)))
+    ids = torch.tensor([tiny_tokenizer(tiny_docs[0], add_special_tokens=False)["input_ids"][:16]])
+    with pytest.raises(DistilError, match=r"teacher's logits for 1 x \d+ tokens over its 5000-entry.*lower train"):
+        teacher.signal({"input_ids": ids, "labels": ids}, Request("groups"))
+
+
 def _scored_at(start, end, merge):
     """The merge rule written out: tokens [start, end) of a group; position p predicts token p + 1.
     first: scored before the first token, times the later tokens' probabilities; last: scored before

@@ -161,3 +161,15 @@ class ThreadGovernor:
 
 
 _governor: ThreadGovernor | None = None
+
+
+def available_memory(device) -> int:
+    """Bytes that ``device`` can still give: free CUDA memory, or the machine's available RAM."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)

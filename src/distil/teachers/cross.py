@@ -15,8 +15,19 @@ import time
 import torch
 
 from distil.data.alignment import TokenizerPair
+from distil.errors import DistilError
 from distil.losses.cross_tokenizer import CrossSignal, GroupIndex, TeacherSide
+from distil.runtime import available_memory
 from distil.spec import Request
+
+GB = 2**30
+
+
+def check_fits(needed: int, device, what: str, fix: str) -> None:
+    """One line (exit 2) when ``needed`` bytes exceed what ``device`` has free."""
+    free = available_memory(device)
+    if needed > free:
+        raise DistilError(f"{what} needs {needed / GB:.2f} GB, more than the {free / GB:.2f} GB free on {device}; {fix}")
 
 
 class CrossTokenizerTeacher:
@@ -29,6 +40,7 @@ class CrossTokenizerTeacher:
         self.matched = pair.matched()
         self.pad_id = pair.teacher.eos if pair.teacher.eos is not None else 0
         self.align_seconds = 0.0
+        self.checked = False  # the loss's memory, against what the device has free (once)
 
     @property
     def vocab_size(self) -> int:
@@ -71,8 +83,17 @@ class CrossTokenizerTeacher:
         next_ids = torch.cat([t_ids[:, 1:], t_ids[:, -1:]], 1).reshape(-1)
         if "head" in self.inner.gives:
             hidden, weight, _ = self.inner.head_inputs(t_ids)
+            if not self.checked:  # the loss's smallest step: 16 groups over both vocabularies, 4 fp32 buffers
+                check_fits(16 * 4 * 4 * (weight.shape[0] + self.pair.student.size), t_ids.device,
+                           f"the cross-tokenizer loss over {weight.shape[0]} + {self.pair.student.size} vocabulary "
+                           "entries", "use tokenizers with smaller vocabularies")
+                self.checked = True
             side = TeacherSide(next_ids, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight)
         else:
+            check_fits(t_ids.numel() * self.inner.vocab_size * 4, t_ids.device,
+                       f"the teacher's logits for {t_ids.shape[0]} x {t_ids.shape[1]} tokens over its "
+                       f"{self.inner.vocab_size}-entry vocabulary (a teacher without head inputs gives them whole)",
+                       "lower train.batch_size or data.seq_len")
             logits = self.inner.logits(t_ids)
             side = TeacherSide(next_ids, logits=logits.reshape(-1, logits.shape[-1]))
         following = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
