@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run folder's latest checkpoint (also automatic when it has one)")
+    p.add_argument("--profile", action="store_true",
+                   help="report each phase's share of a step (data, student, teacher, loss, backward, optimizer, "
+                   "validation, checkpoint), its peak memory (RSS; on CUDA also allocated), and the floor the run's "
+                   "state needs; written to <run>/profile.md and profile.json (same as --set train.profile=true)")
     p.add_argument("--nproc-per-node", type=at_least(1), metavar="N",
                    help="train in N processes on this machine through torchrun's own launcher (torch.distributed.run), "
                    "as `torchrun --standalone --nproc_per_node N -m distil train ...` does; a distil error is then its "
@@ -403,7 +407,8 @@ def cmd_train(args) -> None:
     from distil.config import load_config
     from distil.train.run import run_training
 
-    cfg = load_config(args.config, args.overrides)  # a bad config is one line before any process starts
+    overrides = args.overrides + (["train.profile=true"] if args.profile else [])
+    cfg = load_config(args.config, overrides)  # a bad config is one line before any process starts
     if (args.nproc_per_node or 1) > 1 and "LOCAL_RANK" not in os.environ:
         launch_workers(args)
         return
@@ -420,6 +425,7 @@ def launch_workers(args) -> None:
     from torch.distributed.run import get_args_parser, run
 
     worker = ["train", args.config, *[x for o in args.overrides for x in ("--set", o)]]
+    worker += ["--profile"] if args.profile else []
     worker += ["--run-dir", args.run_dir] if args.run_dir else []
     worker += [flag for flag, on in (("--overwrite", args.overwrite), ("--resume", args.resume), ("--debug", args.debug))
                if on]

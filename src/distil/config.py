@@ -245,6 +245,7 @@ class TrainConfig:
     val_every: int = 50  # 0 disables periodic validation
     progress: bool = True
     threads: int | None = None  # torch threads, fixed (null: $DISTIL_NUM_THREADS, else follow the load)
+    profile: bool = False  # time and peak memory per phase, and the memory floor (distil train --profile)
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun

@@ -37,6 +37,7 @@ from distil.data.tokenize import has_tokenizer, load_tokenizer, tokenizer_hash, 
 from distil.errors import DistilError
 from distil.eval.multiple_choice import load_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
+from distil.fsutil import atomic_write_text
 from distil.hybrid.progressive import freeze_all_but_ssm
 from distil.losses.objective import DistillLoss
 from distil.models.io import save_native
@@ -51,6 +52,7 @@ from distil.train.checkpoint import latest_checkpoint
 from distil.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from distil.train.guard import SpikeGuard
 from distil.train.plan import ParallelPlan
+from distil.train.profile import StepProfile, current_rss, format_summary, no_phase, profile_json, state_floor
 from distil.train.schedule import lr_multiplier
 
 log = logging.getLogger("distil")
@@ -99,26 +101,30 @@ def check_vocabularies(tokenizer, student_vocab: int, teacher_vocab: int | None)
     shared_vocab(student_vocab, teacher_vocab)
 
 
-def compute_loss(student, teacher: Teacher | None, batch: dict, loss: DistillLoss, *, head=None) -> torch.Tensor:
+def compute_loss(student, teacher: Teacher | None, batch: dict, loss: DistillLoss, *, head=None,
+                 phase=no_phase) -> torch.Tensor:
     """The loss of one micro-batch. ``student`` may be wrapped (DDP); ``head`` is the plain model's
     LM head (default ``student.lm_head``). With stream packing (``batch["stream"]``) the student's
     and a stateful teacher's states are read from and written back to that dict, and labels of
-    -100 (padding) count in neither term."""
+    -100 (padding) count in neither term. ``phase`` marks the parts for ``--profile``."""
     stream = batch.get("stream")
     input_ids = batch["input_ids"]
-    if stream is not None:
-        hidden, stream["student"] = student(input_ids, positions=batch.get("positions"), states=stream["student"],
-                                            return_states=True, return_hidden=True)
-    else:
-        hidden = student(input_ids, doc_ids=batch.get("attn_doc_ids"), positions=batch.get("positions"),
-                         return_hidden=True)  # [batch, seq, d_model]
-    signal = teacher.signal(batch, loss.request, stream) if loss.request is not None else None
+    with phase("student"):
+        if stream is not None:
+            hidden, stream["student"] = student(input_ids, positions=batch.get("positions"), states=stream["student"],
+                                                return_states=True, return_hidden=True)
+        else:
+            hidden = student(input_ids, doc_ids=batch.get("attn_doc_ids"), positions=batch.get("positions"),
+                             return_hidden=True)  # [batch, seq, d_model]
+    with phase("teacher"):
+        signal = teacher.signal(batch, loss.request, stream) if loss.request is not None else None
     # Stream padding and rollouts' prompt / padding positions (labels -100) count in no term. A rollout
     # micro-batch's mean is rescaled by its share of the step's counted tokens, so k micro-batches of
     # B/k rows give the same gradient as one of B rows (batch["loss_scale"]).
     mask = batch["labels"] != -100 if stream is not None or "loss_scale" in batch else None
-    value = loss(hidden, head if head is not None else student.lm_head, batch["labels"], signal, mask,
-                 sample_logprobs=batch.get("sample_logprobs"))
+    with phase("loss"):
+        value = loss(hidden, head if head is not None else student.lm_head, batch["labels"], signal, mask,
+                     sample_logprobs=batch.get("sample_logprobs"))
     return value * batch["loss_scale"] if "loss_scale" in batch else value
 
 
@@ -202,6 +208,10 @@ class Setup:
     history: list[dict] = field(default_factory=list)  # one record per optimizer step
     val_start: dict = field(default_factory=dict)
     val_teacher: Teacher | None = None  # scores KL to the teacher at validation (default: a logits teacher)
+    profile: StepProfile | None = None  # --profile: time and peak memory per phase (train/profile.py)
+
+    def phase(self, name: str):
+        return self.profile.phase(name) if self.profile is not None else no_phase(name)
 
     def restore(self, path) -> dict:
         """Roll student, optimizer, data position and progress back to a checkpoint."""
@@ -292,14 +302,17 @@ def train_step(s: Setup, lr: float) -> tuple[float, float]:
         group["lr"] = lr
     step_loss = 0.0
     for _ in range(cfg.train.grad_accum):
-        batch = s.batches.next_batch()
+        with s.phase("data"):
+            batch = s.batches.next_batch()
         with torch.autocast(s.info.device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16"):
-            loss = compute_loss(s.model, s.teacher, batch, s.loss, head=s.student.lm_head)
-        (loss / cfg.train.grad_accum).backward()
+            loss = compute_loss(s.model, s.teacher, batch, s.loss, head=s.student.lm_head, phase=s.phase)
+        with s.phase("backward"):
+            (loss / cfg.train.grad_accum).backward()
         step_loss += loss.item() / cfg.train.grad_accum
     step_loss = all_reduce_mean(step_loss, s.info, s.info.device)
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-    return step_loss, s.plan.clip([p for p in s.student.parameters() if p.requires_grad], clip)
+    with s.phase("optimizer"):
+        return step_loss, s.plan.clip([p for p in s.student.parameters() if p.requires_grad], clip)
 
 
 def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = None, tokenizer=None,
@@ -307,15 +320,20 @@ def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
           resume: bool = True, val_teacher: Teacher | None = None) -> TrainResult:
     """Train ``student`` (built from the config when not given). With a run folder: metrics,
     checkpoints every ``train.checkpoint_every`` steps and at the end, and automatic resumption from
-    the folder's latest checkpoint (``resume=False`` starts over)."""
+    the folder's latest checkpoint (``resume=False`` starts over). With ``train.profile``, time and
+    peak memory per phase go to the log and to ``profile.json`` / ``profile.md`` in the run folder."""
+    runtime_rss = current_rss()  # the process before this run's models are loaded: the floor's runtime part
     s = setup(cfg, run=run, teacher=teacher, tokenizer=tokenizer, data=data, student=student, resume=resume,
               val_teacher=val_teacher)
+    if cfg.train.profile:
+        s.profile = StepProfile(s.info.device)
     t, info, main = cfg.train, s.info, s.info.is_main
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     val: dict = {}
     session_start, session_tokens = time.perf_counter(), 0
     if s.step == 0 and t.val_every and (main or s.plan.gathers):  # where the run starts, for the report
-        s.val_start = _validate(s, {})
+        with s.phase("validation"):
+            s.val_start = _validate(s, {})
     bar = tqdm(total=t.steps, initial=s.step, desc=desc, disable=not (t.progress and main), dynamic_ncols=True)
     while s.step < t.steps:
         adapt_threads()  # fewer torch threads while other processes take cores (distil/runtime.py)
@@ -335,8 +353,11 @@ def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
                 if run is not None:
                     run.log(step=s.step + 1, tokens=s.tokens, split="train", name="skipped_step", value=1.0)
         else:
-            s.optimizer.step()
-            s.optimizer.zero_grad(set_to_none=True)
+            with s.phase("optimizer"):
+                s.optimizer.step()
+                s.optimizer.zero_grad(set_to_none=True)
+        if s.profile is not None:
+            s.profile.step_done()
         s.step += 1
         step_tokens = getattr(s.batches, "step_tokens", None) or tokens_per_step  # rollouts: the rows' real tokens
         s.tokens += step_tokens
@@ -349,17 +370,34 @@ def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
                 run.log(step=s.step, tokens=s.tokens, split="train", name=name, value=record[name])
             run.log(step=s.step, tokens=s.tokens, split="train", name="tokens_per_second", value=session_tokens / elapsed)
         if (t.val_every and s.step % t.val_every == 0) or s.step == t.steps:
-            val = _validate(s, record) if main or s.plan.gathers else val
+            with s.phase("validation"):
+                val = _validate(s, record) if main or s.plan.gathers else val
             barrier(info)
         if t.checkpoint_every and s.step % t.checkpoint_every == 0 and s.step != t.steps:
-            s.checkpoint(s.step)
+            with s.phase("checkpoint"):
+                s.checkpoint(s.step)
         if s.step == KILL_AT_STEP:  # a test's fixed point for a SIGKILL (tests/test_engine.py)
             os.kill(os.getpid(), signal.SIGKILL)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{session_tokens / elapsed:,.0f}",
                         **({"val": f"{val['loss']:.3f}"} if val else {}))
         bar.update(1)
     bar.close()
-    return _finish(s, val, session_start, session_tokens)
+    result = _finish(s, val, session_start, session_tokens)
+    if s.profile is not None and main:
+        _write_profile(s, runtime_rss)
+    return result
+
+
+def _write_profile(s: Setup, runtime_rss: int) -> None:
+    cfg = s.cfg
+    floor = state_floor(runtime_rss, getattr(s.teacher, "model", None), s.student, cfg.loss.chunk_size,
+                        s.student.config.vocab_size)
+    summary = s.profile.summary(floor)
+    table = format_summary(summary)
+    log.info("profile (time and peak memory per phase):\n%s", table)
+    if s.run is not None:
+        atomic_write_text(s.run.path / "profile.json", profile_json(summary))
+        atomic_write_text(s.run.path / "profile.md", f"# Profile of {s.run.path.name}\n\n{table}\n")
 
 
 def _roll_back(s: Setup, step_loss: float) -> bool:
@@ -408,7 +446,8 @@ def _finish(s: Setup, val: dict, session_start: float, session_tokens: int) -> T
     result = TrainResult(student=whole, tokenizer=s.tokenizer, history=s.history, val=val, val_start=s.val_start,
                          tokens_per_second=session_tokens / seconds if seconds > 0 else 0.0, seconds=seconds)
     if run is not None:
-        s.checkpoint(cfg.train.steps)
+        with s.phase("checkpoint"):
+            s.checkpoint(cfg.train.steps)
         final_state = s.plan.full_state(s.student, s.optimizer)
         if info.is_main:
             save_native(whole, run.checkpoints / "final", tokenizer=s.tokenizer, state=final_state)
