@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from distil.data.alignment import TokenBytes, TokenizerPair, align
@@ -116,6 +116,7 @@ def _check_whole_text(pair: TokenizerPair, text: str) -> None:
 @pytest.mark.parametrize("name", PAIRS)
 @SETTINGS
 @given(text=st.one_of(TEXT, MIXED))
+@example(text="\U00069a66\U00082e80")  # SmolLM2 cannot spell these (no token for 0xF1, 0xF2), and merges across the gap
 def test_groups_tile_the_text_on_both_sides(name, text, tiny_tokenizer, sp_tokenizer):
     _check_whole_text(_pair(name, tiny_tokenizer, sp_tokenizer), text)
 

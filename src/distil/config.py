@@ -191,7 +191,7 @@ class LossConfig:
     beta: float = 0.5  # jsd only
     skew: float = 0.1  # skew_* only
     fused: bool = True  # fuse the LM head with the loss, chunked over tokens
-    chunk_size: int = 1024  # tokens per chunk of the fused loss
+    chunk_size: int | None = None  # tokens per chunk of the fused loss (None: from the vocabulary)
     topk: int | None = None  # train on the teacher's top-k only (as a cache would hold)
     tail: Literal[TAILS] = "bucket"  # top-k only
     parallel: Literal["none", "vocab", "sequence"] = "none"

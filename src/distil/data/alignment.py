@@ -26,6 +26,7 @@ or lower-casing) falls back to the character offsets it reports; one that report
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -127,7 +128,34 @@ class TokenBytes:
         if self.join(ids) == data:
             return ids, self.lengths(ids)
         found = self._by_search(data, ids)  # a prefix space the tokenizer adds, or bytes it dropped
-        return found if found is not None else self._from_offsets(text, ids, enc.get("offset_mapping"))
+        if found is not None:
+            return found
+        split = self._around_unspellable(text)
+        return split if split is not None else self._from_offsets(text, ids, enc.get("offset_mapping"))
+
+    def _around_unspellable(self, text: str):
+        """Characters the tokenizer cannot spell byte for byte (SmolLM2 has no token for the lead
+        bytes 0xF1-0xF3 of code points U+40000-U+FFFFF, and merges the bytes around the gap) become
+        fillers, and the text between them is tokenised on its own. None when every character spells."""
+        def spells(char: str) -> bool:
+            ids = self.tokenizer(char, add_special_tokens=False)["input_ids"]
+            return self.join(ids).endswith(char.encode("utf-8"))
+
+        bad = {c for c in set(text) if not spells(c)}
+        if not bad:
+            return None
+        out_ids: list[int] = []
+        out_len: list[int] = []
+        for spelled, chars in itertools.groupby(text, key=lambda c: c not in bad):
+            run = "".join(chars)
+            if spelled:
+                ids, lengths = self.encode(run)
+                out_ids.extend(ids)
+                out_len.extend(int(n) for n in lengths)
+            else:
+                out_ids.extend([-1] * len(run))
+                out_len.extend(len(c.encode("utf-8")) for c in run)
+        return out_ids, np.asarray(out_len, dtype=np.int64)
 
     def _by_search(self, data: bytes, ids: list[int]):
         """Each token's bytes found in order in ``data``; bytes in between (dropped by the tokenizer)

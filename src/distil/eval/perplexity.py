@@ -16,8 +16,29 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distil.losses.divergences import kd_loss
+from distil.losses.fused import default_chunk_size
+from distil.models.transformer import TransformerLM
 from distil.runtime import adapt_threads
 from distil.spec import shared_vocab
+
+
+def _token_rows(model, inputs: torch.Tensor, logits_fn):
+    """(rows [tokens, H or V], head or None): a distil model gives its hidden states, and the
+    head turns any slice of them into logits, so no [batch x seq x vocab] block is ever built."""
+    if logits_fn is None and isinstance(model, TransformerLM):
+        hidden = model(inputs, return_hidden=True)
+        return hidden.reshape(-1, hidden.shape[-1]), model.head
+    logits = (logits_fn or model)(inputs)
+    return logits.reshape(-1, logits.shape[-1]), None
+
+
+def _teacher_rows(teacher, inputs: torch.Tensor):
+    model = getattr(teacher, "model", None)
+    if "head" in teacher.gives and isinstance(model, TransformerLM):
+        hidden = teacher.head_inputs(inputs)[0]
+        return hidden.reshape(-1, hidden.shape[-1]), model.head
+    logits = teacher.logits(inputs)
+    return logits.reshape(-1, logits.shape[-1]), None
 
 
 @torch.no_grad()
@@ -31,14 +52,17 @@ def evaluate_lm(
     device="cpu",
     progress: bool = False,
     logits_fn=None,
+    chunk_size: int | None = None,
 ) -> dict:
     """Mean next-token loss over all tokens of ``windows`` [n, seq + 1]; KL(teacher || model) too.
 
     ``logits_fn(input_ids)`` overrides how logits are computed (e.g. for a transformers model).
+    A distil model (and a teacher that gives its hidden states) is scored ``chunk_size`` tokens at
+    a time through its LM head (default: as the fused loss, ``default_chunk_size``), so memory
+    holds a few [chunk x vocab] blocks rather than the batch's whole logits.
     """
     was_training = model.training
     model.eval()
-    logits_fn = logits_fn or (lambda ids: model(ids))
     total_loss = total_kl = 0.0
     total_agree = total_tokens = 0
     num_batches = math.ceil(len(windows) / batch_size)
@@ -46,17 +70,24 @@ def evaluate_lm(
         num_batches = min(num_batches, max_batches)
     for b in tqdm(range(num_batches), desc="eval", disable=not progress, leave=False):
         adapt_threads()
-        chunk = torch.from_numpy(windows[b * batch_size : (b + 1) * batch_size].astype(np.int64)).to(device)
-        inputs, labels = chunk[:, :-1], chunk[:, 1:]
-        logits = logits_fn(inputs).float()
-        total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+        batch = torch.from_numpy(windows[b * batch_size : (b + 1) * batch_size].astype(np.int64)).to(device)
+        inputs, labels = batch[:, :-1], batch[:, 1:].reshape(-1)
+        rows, head = _token_rows(model, inputs, logits_fn)
+        teacher_rows, teacher_head = _teacher_rows(teacher, inputs) if teacher is not None else (None, None)
+        vocab = model.lm_head.weight.shape[0] if head is not None else rows.shape[-1]
+        chunk = chunk_size or default_chunk_size(vocab, device)
+        for start in range(0, len(labels), chunk):
+            end = min(start + chunk, len(labels))
+            logits = (head(rows[start:end]) if head is not None else rows[start:end]).float()
+            total_loss += F.cross_entropy(logits, labels[start:end], reduction="sum").item()
+            if teacher is not None:
+                t_rows = teacher_rows[start:end]
+                teacher_logits = (teacher_head(t_rows) if teacher_head is not None else t_rows).float()
+                shared = shared_vocab(logits.shape[-1], teacher_logits.shape[-1])
+                total_kl += kd_loss(logits, teacher_logits, "forward_kl", reduction="sum").item()
+                agree = logits[..., :shared].argmax(-1) == teacher_logits[..., :shared].argmax(-1)
+                total_agree += agree.sum().item()
         total_tokens += labels.numel()
-        if teacher is not None:
-            teacher_logits = teacher.logits(inputs).float()
-            vocab = shared_vocab(logits.shape[-1], teacher_logits.shape[-1])
-            total_kl += kd_loss(logits, teacher_logits, "forward_kl", reduction="sum").item()
-            agree = logits[..., :vocab].argmax(-1) == teacher_logits[..., :vocab].argmax(-1)
-            total_agree += agree.sum().item()
     model.train(was_training)
     loss = total_loss / max(total_tokens, 1)
     out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": total_tokens}

@@ -24,6 +24,7 @@ from distil.errors import DistilError
 from distil.kernels import use_fast_path
 from distil.losses.analytic import divergence_and_h, mse_and_grad, softmax_grad
 from distil.losses.divergences import (
+    LOG_FLOOR,
     compute_dtype,
     cross_entropy,
     prepare_logits,
@@ -32,7 +33,7 @@ from distil.losses.divergences import (
     shared_vocab,
     validate_kind,
 )
-from distil.losses.topk import topk_terms, topk_token_loss, validate_topk
+from distil.losses.topk import REVERSE_TAIL_FLOOR, log1mexp, topk_terms, topk_token_loss, validate_topk
 
 # Tokens per chunk: one [chunk, vocab] fp32 tensor is about 64 MiB at this budget on CPU (cache-
 # and page-fault-friendly), about 1 GiB on CUDA (large matmuls keep the GPU busy; the compiled chunk
@@ -42,9 +43,15 @@ DEFAULT_CHUNK_ELEMENTS_CUDA = 2**28
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    if torch.device(device).type == "cuda":
-        return max(64, min(4096, DEFAULT_CHUNK_ELEMENTS_CUDA // vocab_size))
-    return max(64, min(1024, DEFAULT_CHUNK_ELEMENTS // vocab_size))
+    """Tokens per chunk: the largest power of two whose [chunk x vocab] fp32 block fits in 64 MiB
+    (1 GiB on CUDA), between 64 and 1024 (4096 on CUDA). The loss holds about seven such blocks at
+    once, and glibc keeps what it frees for reuse, so the chunk sets the loss's share of the
+    process's memory: at vocab 49152 on a 2-core CPU, chunk 256 trained as fast as 1024 with about
+    1.4 GB less resident, while 341 (no power of two) was 25% slower (docs/benchmarks.md)."""
+    cuda = torch.device(device).type == "cuda"
+    budget, top = (DEFAULT_CHUNK_ELEMENTS_CUDA, 4096) if cuda else (DEFAULT_CHUNK_ELEMENTS, 1024)
+    fits = max(1, budget // max(1, vocab_size))
+    return max(64, min(top, 1 << (fits.bit_length() - 1)))
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -92,6 +99,9 @@ def _chunk_loss_and_grad(
 ):
     """Loss of one chunk (already divided by the global counts) and its gradient w.r.t. the logits."""
     if teacher_topk is not None:
+        if tail == "bucket" and temperature == 1.0 and softcap is None:
+            return _topk_bucket_chunk(student_logits, teacher_topk, labels, mask, kind=kind, kd_weight=kd_weight,
+                                      ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count)
         return _topk_chunk_autograd(student_logits, teacher_topk, labels, mask, kind=kind, kd_weight=kd_weight,
                                     ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count,
                                     temperature=temperature, softcap=softcap, tail=tail)
@@ -136,6 +146,89 @@ def _chunk_loss_and_grad(
         grad = torch.zeros_like(capped)
     if softcap is not None:
         grad.mul_(1.0 - (capped / softcap).pow(2))  # d/dx c*tanh(x/c) = 1 - tanh^2
+    return loss, grad
+
+
+def _topk_bucket_chunk(student_logits, teacher_topk, labels, mask, *, kind, kd_weight, ce_weight, kd_count,
+                       ce_count):
+    """A top-k loss with the tail as one bucket (and CE), in closed form: the same loss as
+    ``_topk_chunk_autograd`` (tests/test_losses.py) in a third of its [chunk x vocab] passes; the
+    rest works on the k entries. With p the student's softmax, p_s(k) = p at the k entries, A the
+    teacher's top-k mass, P_t and P_s the two tails, and [out] for j outside the top-k:
+
+        forward_kl, soft_ce: d/dz_j = p_j (A + P_t) - p_t(j) [j in top-k] - (P_t / P_s) p_j [out]
+        reverse_kl:          d/dz_j = c(j) [j in top-k] - p_j (C + P_s g) + g p_j [out]
+            c(k) = p_s(k) (log p_s(k) - log p_t(k) + 1), C = sum of c, g = log P_s - log max(P_t, floor) + 1
+    """
+    dtype = compute_dtype(student_logits)
+    z = student_logits.to(dtype)
+    ids, logprobs, tail_lp = teacher_topk
+    valid = ids >= 0
+    ids = ids.clamp_min(0).long()
+    kd_count, ce_count = torch.as_tensor(kd_count).to(dtype), torch.as_tensor(ce_count).to(dtype)
+    weights = torch.ones(z.shape[0], dtype=dtype, device=z.device) if mask is None else mask.to(dtype)
+    # Absent entries (id -1) point at the row's first present one, so that every write below to a
+    # top-k position is the same for all entries naming it; a row with none names token 0 and
+    # leaves it as it is.
+    present = valid.any(-1, keepdim=True)
+    first = ids.gather(-1, valid.to(torch.int8).argmax(-1, keepdim=True))
+    index = torch.where(valid, ids, first)
+    top = z.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = (z - top).exp_()  # e^(z - max), turned into the softmax below
+    total = p.sum(-1, keepdim=True)
+    lse = total.log() + top  # [chunk, 1]
+    e_k = p.gather(-1, index)
+    p.scatter_(-1, index, torch.where(present, 0.0, e_k))  # the top-k out of the sum: the tail exactly
+    outside = p.sum(-1, keepdim=True)
+    p.scatter_(-1, index, e_k).div_(total)
+    p_k = e_k / total
+    loss = torch.zeros((), dtype=dtype, device=z.device)
+    scale_in = torch.zeros(z.shape[0], dtype=dtype, device=z.device)  # d/dz_j = p_j * scale (+ the k terms)
+    scale_out = torch.zeros_like(scale_in)
+    kd_w = torch.where(weights > 0, weights * (kd_weight / kd_count), 0.0)
+    p_t_k = None
+    if kd_weight:
+        logp_s_k = torch.where(valid, z.gather(-1, ids) - lse, LOG_FLOOR).clamp_min(LOG_FLOOR)
+        logp_t_k = torch.where(valid, logprobs.to(dtype), LOG_FLOOR).clamp_min(LOG_FLOOR)
+        log_tail_s = (outside.log() + top - lse).squeeze(-1).clamp_min(LOG_FLOOR)
+        if tail_lp is None:
+            log_tail_t = log1mexp(torch.logsumexp(logp_t_k, dim=-1))
+        else:
+            log_tail_t = tail_lp.to(dtype).clamp_min(LOG_FLOOR)
+        empty = log_tail_s <= LOG_FLOOR / 2
+        log_tail_t = torch.where(empty, LOG_FLOOR, log_tail_t)
+        p_t_k, tail_t, tail_s = logp_t_k.exp(), log_tail_t.exp(), log_tail_s.exp()
+        if kind == "reverse_kl":
+            p_s_k = logp_s_k.exp()
+            floored = torch.maximum(log_tail_t, torch.full_like(log_tail_t, REVERSE_TAIL_FLOOR).log())
+            per_token = (p_s_k * (logp_s_k - logp_t_k)).sum(-1) + tail_s * (log_tail_s - floored)
+            c_k = p_s_k * (logp_s_k - logp_t_k + 1.0) * kd_w.unsqueeze(-1)
+            g = torch.where(empty, 0.0, log_tail_s - floored + 1.0) * kd_w
+            scale_in = -c_k.sum(-1) - tail_s * g
+            scale_out = scale_in + g
+            p_t_k = -c_k  # scattered below as -p_t_k * 1
+        else:
+            if kind == "forward_kl":
+                per_token = (p_t_k * (logp_t_k - logp_s_k)).sum(-1) + tail_t * (log_tail_t - log_tail_s)
+            else:  # soft_ce: the same gradient
+                per_token = -(p_t_k * logp_s_k).sum(-1) - tail_t * log_tail_s
+            scale_in = (p_t_k.sum(-1) + tail_t) * kd_w
+            scale_out = scale_in - torch.where(empty, 0.0, tail_t / tail_s) * kd_w
+            p_t_k = p_t_k * kd_w.unsqueeze(-1)
+        loss = loss + (torch.where(weights > 0, per_token, 0.0) * kd_w).sum()
+    ce_w = None
+    if ce_weight:
+        ce_w = (weights * (labels != -100).to(dtype)) * (ce_weight / ce_count)
+        targets = labels.clamp_min(0).unsqueeze(-1)
+        loss = loss - ((z.gather(-1, targets) - lse).squeeze(-1) * ce_w).sum()
+        scale_in, scale_out = scale_in + ce_w, scale_out + ce_w
+    grad = p.mul_(scale_out.unsqueeze(-1))
+    grad.scatter_(-1, index, p_k * torch.where(present, scale_in.unsqueeze(-1), scale_out.unsqueeze(-1)))
+    if p_t_k is not None:  # the k entries' own terms
+        grad.scatter_add_(-1, ids, -p_t_k)
+    if ce_w is not None:
+        grad.scatter_add_(-1, targets, -ce_w.unsqueeze(-1))
     return loss, grad
 
 
@@ -304,6 +397,17 @@ def fused_linear_kd_loss(
         k = ids.shape[-1]
         topk_flat = (ids.reshape(num_tokens, k), logprobs.reshape(num_tokens, k).detach(),
                      None if tail_lp is None else tail_lp.reshape(num_tokens).detach())
+    if flat_mask is not None and not bool(flat_mask.all()):
+        # Masked tokens (a prompt, padding) add nothing to the loss or to any gradient: the chunks
+        # cover only the counted ones (a chat row's prompt is often most of it).
+        keep = flat_mask.nonzero().squeeze(-1)
+        student_hidden_2d = student_hidden_2d.index_select(0, keep)
+        flat_labels = None if flat_labels is None else flat_labels.index_select(0, keep)
+        if teacher_hidden_2d is not None:
+            teacher_hidden_2d = teacher_hidden_2d.index_select(0, keep)
+        if topk_flat is not None:
+            topk_flat = tuple(None if t is None else t.index_select(0, keep) for t in topk_flat)
+        flat_mask = None
 
     def teacher_fn(start: int, end: int):
         if topk_flat is not None:

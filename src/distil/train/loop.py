@@ -39,6 +39,7 @@ from distil.eval.multiple_choice import load_items, score_multiple_choice
 from distil.eval.perplexity import evaluate_lm
 from distil.fsutil import atomic_write_text
 from distil.hybrid.progressive import freeze_all_but_ssm
+from distil.losses.fused import default_chunk_size
 from distil.losses.objective import DistillLoss
 from distil.models.io import save_native
 from distil.models.loading import load
@@ -390,8 +391,9 @@ def train(cfg: Config, *, run: RunDir | None = None, teacher: Teacher | None = N
 
 def _write_profile(s: Setup, runtime_rss: int) -> None:
     cfg = s.cfg
-    floor = state_floor(runtime_rss, getattr(s.teacher, "model", None), s.student, cfg.loss.chunk_size,
-                        s.student.config.vocab_size)
+    vocab = s.student.config.vocab_size
+    chunk = cfg.loss.chunk_size or default_chunk_size(vocab, s.info.device)
+    floor = state_floor(runtime_rss, getattr(s.teacher, "model", None), s.student, chunk, vocab)
     summary = s.profile.summary(floor)
     table = format_summary(summary)
     log.info("profile (time and peak memory per phase):\n%s", table)
