@@ -139,6 +139,31 @@ def test_sampling_matches_the_model_and_the_mixture():
         assert torch.allclose(logprobs, expected, atol=1e-5)
 
 
+def test_prompts_of_different_lengths_sample_as_one_batch():
+    """Ragged prompts (one batch, attention caches left-padded and masked, SSM states stacked): each
+    row's recorded log-probs are those of its own prompt and samples run whole, alone."""
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1))
+    other = TransformerLM(ModelConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2))
+    from distil.hybrid import hybridize
+
+    hybrid = hybridize(model, [1], init="random", d_state=8, chunk_size=4)
+    prompts = [torch.randint(0, 11, (n,)).tolist() for n in (4, 2, 6, 4, 1)]
+    for sampler, mix, alpha in ((model, None, 0.0), (model, other, 0.3), (hybrid, None, 0.0), (hybrid, other, 0.5)):
+        tokens, logprobs, lengths = sample(sampler, prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(1),
+                                           mix_model=mix, mix_alpha=alpha)
+        assert tokens.shape == (5, 5) and torch.equal(lengths, torch.full((5,), 5))
+        for row, prompt in enumerate(prompts):
+            full = torch.tensor([prompt + tokens[row].tolist()])
+            n = len(prompt)
+            with torch.no_grad():
+                probs = torch.softmax(sampler(full)[0, n - 1:-1], -1)
+                if mix is not None:
+                    probs = alpha * torch.softmax(mix(full)[0, n - 1:-1], -1) + (1 - alpha) * probs
+            expected = probs.gather(-1, tokens[row, :, None])[:, 0].log()
+            assert torch.allclose(logprobs[row], expected, atol=1e-5), (row, logprobs[row], expected)
+
+
 # -- losses against float64 references ---------------------------------------------------------
 
 

@@ -10,7 +10,9 @@ O(1) in the context for SSM layers and O(context) for attention layers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from distil.models.ssm import SSMState
 from distil.models.state import preallocated_states
 from distil.runtime import adapt_threads
 
@@ -80,9 +82,39 @@ def _prefill(model, prompt_ids: torch.Tensor, total: int):
     return _last_logits(model, hidden), states
 
 
-def _step(model, token: torch.Tensor, states):
-    hidden, states = model(token, states=states, return_states=True, return_hidden=True)
+def _step(model, token: torch.Tensor, states, positions: torch.Tensor | None = None):
+    hidden, states = model(token, positions=positions, states=states, return_states=True, return_hidden=True)
     return _last_logits(model, hidden), states
+
+
+def _prefill_ragged(model, prompts: list[list[int]], order: list[int], total: int, device):
+    """Prompts of different lengths as one batch (rows in ``order``): each length is prefilled on its
+    own, then the attention caches are left-padded to the longest prompt with each row's count of
+    keys it may see (the padding is masked), and SSM states are stacked; no row sees another's
+    padding. Returns the last logits, the merged states and each row's prompt length."""
+    groups: list[tuple[int, list[int]]] = []
+    for row in order:
+        if not groups or len(prompts[row]) != groups[-1][0]:
+            groups.append((len(prompts[row]), []))
+        groups[-1][1].append(row)
+    logits, parts = [], []
+    for _, rows in groups:
+        ids = torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=device)
+        group_logits, states = _prefill(model, ids, total)
+        logits.append(group_logits)
+        parts.append(states)
+    longest = max(width for width, _ in groups)
+    merged = []
+    for layer in zip(*parts):
+        if isinstance(layer[0], SSMState):
+            merged.append(SSMState(torch.cat([s.conv for s in layer]), torch.cat([s.ssm for s in layer])))
+            continue
+        pads = [longest - width for width, _ in groups]
+        k = torch.cat([F.pad(s[0], (0, 0, pad, 0)) for s, pad in zip(layer, pads)])
+        v = torch.cat([F.pad(s[1], (0, 0, pad, 0)) for s, pad in zip(layer, pads)])
+        merged.append((k, v, torch.tensor([width for width, rows in groups for _ in rows], device=device)))
+    widths = torch.tensor([len(prompts[r]) for r in order], dtype=torch.long, device=device)
+    return torch.cat(logits), merged, widths
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -99,7 +131,9 @@ def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature:
            eos_token_id: int | None = None, generator: torch.Generator | None = None, mix_model=None,
            mix_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample ``max_new_tokens`` continuations of ``prompt_ids`` [rows, prompt] (the same prompt length
-    in every row) with the KV cache / SSM state of :func:`generate`.
+    in every row) with the KV cache / SSM state of :func:`generate`; or of a list of prompts of any
+    lengths (lists of ids), sampled as one batch (a small model's decode step is bound by reading its
+    LM head, so four rows cost little more than one).
 
     With ``mix_model`` (a second model of the same vocabulary, e.g. the teacher) each token is drawn
     from ``mix_alpha * p_mix + (1 - mix_alpha) * p_model`` (MiniLLM's teacher-mixed sampling).
@@ -113,15 +147,26 @@ def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature:
         raise ValueError("sampling needs temperature > 0")
     was_training = model.training
     model.eval()
-    rows, width = prompt_ids.shape
-    total = width + max_new_tokens
-    logits, states = _prefill(model, prompt_ids, total)
-    mix_states = mix_logits = None
-    if mix_model is not None:
-        mix_logits, mix_states = _prefill(mix_model, prompt_ids, total)
+    positions = mix_positions = None
+    if isinstance(prompt_ids, torch.Tensor):
+        rows, width = prompt_ids.shape
+        device = prompt_ids.device
+        logits, states = _prefill(model, prompt_ids, width + max_new_tokens)
+        mix_states = mix_logits = None
+        if mix_model is not None:
+            mix_logits, mix_states = _prefill(mix_model, prompt_ids, width + max_new_tokens)
+        order = None
+    else:  # a list of prompts of any lengths: one batch, rows of a length together, put back at the end
+        rows, device = len(prompt_ids), next(model.parameters()).device
+        order = sorted(range(rows), key=lambda r: (len(prompt_ids[r]), r))
+        total = max(len(p) for p in prompt_ids) + max_new_tokens
+        logits, states, positions = _prefill_ragged(model, prompt_ids, order, total, device)
+        mix_states = mix_logits = None
+        if mix_model is not None:
+            mix_logits, mix_states, mix_positions = _prefill_ragged(mix_model, prompt_ids, order, total, device)
     tokens, logprobs = [], []
-    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=prompt_ids.device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         adapt_threads()
         probs = torch.softmax(logits[:, -1].float() / temperature, -1)
@@ -141,12 +186,18 @@ def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature:
         logprobs.append(logprob)
         if (eos_token_id is not None and finished.all()) or t == max_new_tokens - 1:
             break
-        logits, states = _step(model, token, states)
+        step_positions = None if positions is None else (positions + t)[:, None]
+        logits, states = _step(model, token, states, step_positions)
         if mix_model is not None:
-            mix_logits, mix_states = _step(mix_model, token, mix_states)
+            mix_logits, mix_states = _step(mix_model, token, mix_states,
+                                           None if mix_positions is None else (mix_positions + t)[:, None])
     model.train(was_training)
-    out = torch.cat(tokens, dim=1)
-    return out, torch.cat(logprobs, dim=1), lengths.clamp(max=out.shape[1])
+    out, logprobs, lengths = torch.cat(tokens, dim=1), torch.cat(logprobs, dim=1), lengths.clamp(max=len(tokens))
+    if order is not None:  # rows back in the order of the prompts
+        back = torch.empty(rows, dtype=torch.long, device=device)
+        back[torch.tensor(order, device=device)] = torch.arange(rows, device=device)
+        out, logprobs, lengths = out[back], logprobs[back], lengths[back]
+    return out, logprobs, lengths
 
 
 def generate_text(model, tokenizer, prompt: str, **kwargs) -> str:

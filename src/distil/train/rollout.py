@@ -19,7 +19,8 @@ What a step trains on (``loss.policy``):
   probability each token was drawn with (``sample_logprobs``) for the importance weights.
 
 Sampling uses :func:`distil.models.generate.sample` (KV cache and SSM state; hybrids too), one
-batched call per prompt length in the step (every prompt's ``num_generations`` rows together). The sampler's RNG, the GKD coin and the prompt
+batched call for the step's rows whatever their prompt lengths (attention caches left-padded and
+masked). The sampler's RNG, the GKD coin and the prompt
 order are in ``state_dict``: a resumed run draws the same samples as an uninterrupted one.
 """
 
@@ -118,26 +119,19 @@ class RolloutBatches:
             rows = [(list(p.ids), list(p.completion), None, p.teacher_ids) for p in prompts
                     for _ in range(r.num_generations)]
             return self._micro_batches(rows)
-        # Prompts of the same length are sampled together (one batched call; no padding needed).
-        by_length: dict[int, list[int]] = {}
-        for j, p in enumerate(prompts):
-            by_length.setdefault(len(p.ids), []).append(j)
-        samples: dict[int, list] = {}
+        # One batched call for the step's prompts, whatever their lengths (distil.models.generate.sample).
         model = self.teacher_model if source == "teacher" else self.student
-        for length in sorted(by_length):
-            members = by_length[length]
-            ids = torch.tensor([prompts[j].ids for j in members for _ in range(r.num_generations)], dtype=torch.long,
-                               device=self.device)
-            tokens, logprobs, lengths = sample(
-                model, ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                eos_token_id=self.eos, generator=self.generator,
-                mix_model=self.teacher_model if source == "mixed" else None, mix_alpha=r.mix_alpha)
-            for k, j in enumerate(members):
-                samples[j] = []
-                for row in range(k * r.num_generations, (k + 1) * r.num_generations):
-                    n = int(lengths[row])
-                    samples[j].append((list(prompts[j].ids), tokens[row, :n].tolist(), logprobs[row, :n].tolist(),
-                                       prompts[j].teacher_ids))
+        rows = [list(p.ids) for p in prompts for _ in range(r.num_generations)]
+        tokens, logprobs, lengths = sample(
+            model, rows, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+            eos_token_id=self.eos, generator=self.generator,
+            mix_model=self.teacher_model if source == "mixed" else None, mix_alpha=r.mix_alpha)
+        samples: dict[int, list] = {}
+        for j, p in enumerate(prompts):
+            samples[j] = []
+            for row in range(j * r.num_generations, (j + 1) * r.num_generations):
+                n = int(lengths[row])
+                samples[j].append((list(p.ids), tokens[row, :n].tolist(), logprobs[row, :n].tolist(), p.teacher_ids))
         return self._micro_batches([row for j in range(len(prompts)) for row in samples[j]])
 
     def _micro_batches(self, rows) -> list[dict]:
