@@ -46,8 +46,8 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
     """Tokens per chunk: the largest power of two whose [chunk x vocab] fp32 block fits in 64 MiB
     (1 GiB on CUDA), between 64 and 1024 (4096 on CUDA). The loss holds about seven such blocks at
     once, and glibc keeps what it frees for reuse, so the chunk sets the loss's share of the
-    process's memory: at vocab 49152 on a 2-core CPU, chunk 256 trained as fast as 1024 with about
-    1.4 GB less resident, while 341 (no power of two) was 25% slower (docs/benchmarks.md)."""
+    process's memory: at vocab 49152 on a 2-core CPU, the fused loss at chunk 256 ran as fast as at 1024 with about
+    0.9 GB less resident, while 341 (no power of two) was 20-30% slower (docs/benchmarks.md)."""
     cuda = torch.device(device).type == "cuda"
     budget, top = (DEFAULT_CHUNK_ELEMENTS_CUDA, 4096) if cuda else (DEFAULT_CHUNK_ELEMENTS, 1024)
     fits = max(1, budget // max(1, vocab_size))
