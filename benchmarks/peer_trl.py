@@ -157,7 +157,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row on-policy")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (distil, TRL) per lambda")
-    p.add_argument("--examples", type=int, default=200)
+    p.add_argument("--examples", type=int, default=200, help="chat examples at most (documents of 1200+ characters)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "distil-peer-trl"))
     p.add_argument("--side", choices=["distil", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, print its RESULT line
@@ -169,7 +169,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     paths = prepare(root, args.examples, seed=0)
     per_row = real_tokens_per_row(paths)
-    print(f"teacher {paths['teacher']}, student {paths['student']}, {args.examples} chat examples "
+    examples = sum(1 for _ in open(paths["data"], encoding="utf-8"))  # fewer when the corpus has fewer long documents
+    print(f"teacher {paths['teacher']}, student {paths['student']}, {examples} chat examples "
           f"({per_row:.0f} tokens a row with the template); batch {args.batch}, {args.steps} steps, "
           f"median of steps {WARMUP + 1}-{args.steps}\n", flush=True)
     results: dict = {}
