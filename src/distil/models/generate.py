@@ -148,7 +148,9 @@ def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature:
     was_training = model.training
     model.eval()
     positions = mix_positions = None
-    if isinstance(prompt_ids, torch.Tensor):
+    if not isinstance(prompt_ids, torch.Tensor) and len({len(p) for p in prompt_ids}) == 1:
+        prompt_ids = torch.tensor(prompt_ids, dtype=torch.long, device=next(model.parameters()).device)
+    if isinstance(prompt_ids, torch.Tensor):  # one length: the caches fill in place
         rows, width = prompt_ids.shape
         device = prompt_ids.device
         logits, states = _prefill(model, prompt_ids, width + max_new_tokens)
