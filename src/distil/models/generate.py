@@ -147,14 +147,13 @@ def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature:
         raise ValueError("sampling needs temperature > 0")
     was_training = model.training
     model.eval()
-    positions = mix_positions = None
+    positions = mix_states = mix_logits = None
     if not isinstance(prompt_ids, torch.Tensor) and len({len(p) for p in prompt_ids}) == 1:
         prompt_ids = torch.tensor(prompt_ids, dtype=torch.long, device=next(model.parameters()).device)
     if isinstance(prompt_ids, torch.Tensor):  # one length: the caches fill in place
         rows, width = prompt_ids.shape
         device = prompt_ids.device
         logits, states = _prefill(model, prompt_ids, width + max_new_tokens)
-        mix_states = mix_logits = None
         if mix_model is not None:
             mix_logits, mix_states = _prefill(mix_model, prompt_ids, width + max_new_tokens)
         order = None
@@ -163,9 +162,8 @@ def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature:
         order = sorted(range(rows), key=lambda r: (len(prompt_ids[r]), r))
         total = max(len(p) for p in prompt_ids) + max_new_tokens
         logits, states, positions = _prefill_ragged(model, prompt_ids, order, total, device)
-        mix_states = mix_logits = None
-        if mix_model is not None:
-            mix_logits, mix_states, mix_positions = _prefill_ragged(mix_model, prompt_ids, order, total, device)
+        if mix_model is not None:  # the same rows in the same order: the same positions
+            mix_logits, mix_states, _ = _prefill_ragged(mix_model, prompt_ids, order, total, device)
     tokens, logprobs = [], []
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -191,8 +189,7 @@ def sample(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperature:
         step_positions = None if positions is None else (positions + t)[:, None]
         logits, states = _step(model, token, states, step_positions)
         if mix_model is not None:
-            mix_logits, mix_states = _step(mix_model, token, mix_states,
-                                           None if mix_positions is None else (mix_positions + t)[:, None])
+            mix_logits, mix_states = _step(mix_model, token, mix_states, step_positions)
     model.train(was_training)
     out, logprobs, lengths = torch.cat(tokens, dim=1), torch.cat(logprobs, dim=1), lengths.clamp(max=len(tokens))
     if order is not None:  # rows back in the order of the prompts
