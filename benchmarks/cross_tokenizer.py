@@ -3,6 +3,7 @@ the hybrid (first- and last-position merging), at equal steps, and CE again at t
 
     python benchmarks/cross_tokenizer.py --pair smollm2-bpe --steps 120 --seeds 0 1
     python benchmarks/cross_tokenizer.py --pair gemma3-smollm2 --steps 60 --seeds 0 1 --arms ce hybrid
+    python benchmarks/cross_tokenizer.py --pair gemma3-smollm2 --steps 30 --arms ce uld hybrid hybrid-gkd
 
 Pairs (teacher -> the student's tokenizer):
 * ``smollm2-bpe``: SmolLM2-135M-Instruct (49152) -> distil's byte-level BPE trained on the training text;
@@ -42,6 +43,9 @@ ARMS = {
     "uld": ({"kd_weight": 1.0, "ce_weight": 1.0}, {"mode": "uld"}),
     "hybrid": ({"kd_weight": 1.0, "ce_weight": 1.0}, {"mode": "hybrid"}),
     "hybrid-last": ({"kd_weight": 1.0, "ce_weight": 1.0}, {"mode": "hybrid", "merge": "last"}),
+    # On-policy GKD: with probability lmbda a step trains on the student's own samples of the training
+    # documents' openings (re-tokenised for the teacher), otherwise on the documents' continuations.
+    "hybrid-gkd": ({"kd_weight": 1.0, "ce_weight": 1.0, "policy": "gkd"}, {"mode": "hybrid"}),
 }
 
 
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=1200, help="embedded-corpus documents used (the last 5%% held out)")
     ap.add_argument("--mc-items", type=int, default=100)
     ap.add_argument("--equal-time", action="store_true", help="also train CE for the KD arms' mean wall clock")
+    ap.add_argument("--lmbda", type=float, default=0.5, help="hybrid-gkd: the share of steps on the student's samples")
+    ap.add_argument("--new-tokens", type=int, default=64, help="hybrid-gkd: tokens each sample adds")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     set_threads(args.threads)
@@ -79,6 +85,9 @@ def main() -> None:
     corpus = tmp / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     student_tok.save_pretrained(str(tmp / "student_tok"))
+    prompts = tmp / "prompts.jsonl"  # hybrid-gkd: openings of the training documents, their continuations
+    prompts.write_text("".join(json.dumps({"prompt": d[:160], "completion": d[160:1200]}) + "\n"
+                               for d in docs[: int(len(docs) * 0.95)] if len(d) > 400))
 
     def config(arm: str, seed: int, steps: int):
         loss, cross = ARMS[arm]
@@ -88,6 +97,9 @@ def main() -> None:
             "data": {"source": "jsonl", "path": str(corpus), "seq_len": args.seq_len, "token_cache": None,
                      "val_fraction": 0.05, "tokenizer": str(tmp / "student_tok")},
             "loss": {**loss, **({"cross_tokenizer": cross} if cross else {})},
+            **({"rollout": {"prompts": str(prompts), "lmbda": args.lmbda, "max_new_tokens": args.new_tokens,
+                            "max_prompt_tokens": 64, "completion_tokens": args.seq_len - 64}}
+               if loss.get("policy") == "gkd" else {}),
             "train": {"steps": steps, "batch_size": args.batch_size, "lr": 3e-3, "warmup_steps": max(2, steps // 20),
                       "val_every": 0, "seed": seed, "device": "cpu", "progress": False},
             "eval": {"val_batches": 1}})

@@ -18,7 +18,9 @@ from distil.losses.cross_tokenizer import (
     GroupIndex,
     TeacherSide,
     cross_tokenizer_loss,
+    group_sampled_reverse_kl,
     sorted_l1,
+    topk_scores,
 )
 from distil.losses.divergences import cross_entropy, kd_loss
 from distil.teachers import Request, load_teacher
@@ -161,10 +163,13 @@ def test_identical_tokenizers_train_bit_for_bit_like_the_ordinary_loss(cross_set
 
 
 @pytest.mark.parametrize("sections,message", [
-    ({"teacher": {"source": "cache", "cache": "x"}}, "needs a model teacher"),
+    ({"teacher": {"source": "api"}, "api": {"base": "http://localhost:1/v1", "model": "m"}},
+     "needs a model teacher or a cross-tokenizer cache"),
     ({"loss": {"topk": 8}}, "unset loss.topk"),
     ({"data": {"packing": "stream"}}, "concat packing"),
-    ({"loss": {"policy": "minillm"}, "rollout": {"prompts": "corpus:topics"}}, "use loss.policy gkd"),
+    ({"loss": {"policy": "minillm"}, "rollout": {"prompts": "corpus:topics"}}, "use loss.policy gkd or on_policy_rkl"),
+    ({"loss": {"policy": "on_policy_rkl"}, "rollout": {"prompts": "corpus:topics", "exact": True}},
+     "without rollout.exact"),
 ])
 def test_unsupported_cross_tokenizer_settings_are_refused(cross_setup, sections, message):
     loss = {**sections.pop("loss", {}), "cross_tokenizer": {"mode": "uld"}}
@@ -181,6 +186,114 @@ def test_on_policy_gkd_across_tokenizers_grades_the_students_samples(cross_setup
     result = train(cfg)
     losses = [r["loss"] for r in result.history]
     assert len(losses) == 3 and all(np.isfinite(losses)) and all(v > 0 for v in losses)
+
+
+def test_topk_scores_list_the_entries_and_spread_the_tail_evenly():
+    logp = torch.log_softmax(torch.randn(3, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), -1)
+    top = logp.topk(4, dim=-1)
+    ids = torch.cat([top.indices, torch.full((3, 1), -1)], 1)  # an absent slot
+    lp = torch.cat([top.values, torch.full((3, 1), -1e9, dtype=torch.float64)], 1)
+    tail = torch.log1p(-top.values.exp().sum(-1))
+    got = topk_scores(ids, lp, tail, 11).double()
+    torch.testing.assert_close(got.gather(1, top.indices), top.values.float().double())
+    unlisted = torch.ones(3, 11, dtype=torch.bool).scatter(1, top.indices, False)
+    rest = got[unlisted].reshape(3, 7).exp()
+    torch.testing.assert_close(rest, (tail.exp() / 7)[:, None].expand(3, 7), rtol=1e-6, atol=0)
+    whole = torch.full((3,), float("-inf"), dtype=torch.float64)  # every entry listed: the distribution itself
+    torch.testing.assert_close(topk_scores(logp.topk(11).indices, logp.topk(11).values, whole, 11).double(),
+                               logp.float().double())
+
+
+def test_a_cross_tokenizer_cache_lists_the_produced_token_and_the_exact_tail(cross_setup, tmp_path):
+    from distil.data.teacher_cache import TeacherCache
+    from distil.train.cache_teacher import write_cache
+
+    cfg = cross_setup(loss={"cross_tokenizer": {"mode": "hybrid"}})
+    write_cache(cfg, tmp_path / "xcache", k=4, encoding="exact", progress=False, batch_size=3)
+    cache = TeacherCache(tmp_path / "xcache")
+    assert cache.settings.k == 5 and cache.settings.teacher_tokenizer_hash and cache.manifest.version == 3
+    assert (tmp_path / "xcache" / "teacher_tokenizer" / "tokenizer.json").is_file()
+    teacher = load_teacher(cfg.teacher.path)
+    for sequence in (0, len(cache) - 1):
+        tokens, ids, logprobs, tail = cache.get(sequence)
+        assert (ids == tokens[1:, None]).any(-1).all()  # the produced token is always listed
+        exact = torch.log_softmax(teacher.logits(torch.as_tensor(tokens[None, :-1]))[0].double(), -1)
+        listed = ids >= 0
+        truth = exact.gather(1, torch.as_tensor(ids).clamp_min(0)).numpy()
+        np.testing.assert_allclose(logprobs[listed], truth[listed], rtol=0, atol=1e-5)
+        rest = exact.scatter(1, torch.as_tensor(np.where(listed, ids, 0)), float("-inf"))
+        rest[:, 0] = torch.where(torch.as_tensor(listed & (ids == 0)).any(-1), float("-inf"), exact[:, 0])
+        np.testing.assert_allclose(tail, rest.logsumexp(-1).numpy(), rtol=0, atol=1e-5)
+        assert (~listed[:, :4]).sum() == 0 and (listed[:, 4] == ~(ids[:, :4] == tokens[1:, None]).any(-1)).all()
+
+
+def test_training_from_a_cross_tokenizer_cache_equals_the_online_teacher(cross_setup, tmp_path):
+    """Every entry of the teacher's vocabulary cached (k = V, exact encoding): the run read from the
+    cache is the run with the teacher online, step for step."""
+    from distil.train.cache_teacher import write_cache
+
+    online_cfg = cross_setup(loss={"cross_tokenizer": {"mode": "hybrid"}, "ce_weight": 0.5}, train={"steps": 3})
+    vocab = load_teacher(online_cfg.teacher.path).vocab_size
+    write_cache(online_cfg, tmp_path / "full", k=vocab, encoding="exact", progress=False)
+    cached_cfg = cross_setup(loss={"cross_tokenizer": {"mode": "hybrid"}, "ce_weight": 0.5}, train={"steps": 3},
+                             teacher={"source": "cache", "cache": str(tmp_path / "full")})
+    online = [r["loss"] for r in train(online_cfg).history]
+    cached = [r["loss"] for r in train(cached_cfg).history]
+    np.testing.assert_allclose(cached, online, rtol=1e-5)
+    write_cache(online_cfg, tmp_path / "k8", k=8, progress=False)  # a real top-k: close, not equal, and training
+    small = [r["loss"] for r in train(cross_setup(loss={"cross_tokenizer": {"mode": "hybrid"}, "ce_weight": 0.5},
+                                                  teacher={"source": "cache", "cache": str(tmp_path / "k8")})).history]
+    assert all(np.isfinite(small)) and np.mean(small[-3:]) < np.mean(small[:3])
+
+
+def test_a_cross_tokenizer_cache_needs_the_cross_tokenizer_loss(cross_setup, tmp_path):
+    from distil.train.cache_teacher import write_cache
+
+    write_cache(cross_setup(loss={"cross_tokenizer": {"mode": "uld"}}), tmp_path / "c", k=4, progress=False)
+    with pytest.raises(DistilError, match="a cross-tokenizer cache.*loss.cross_tokenizer.mode"):
+        train(cross_setup(teacher={"source": "cache", "cache": str(tmp_path / "c")}))
+
+
+@pytest.mark.parametrize("merge", ["first", "last"])
+def test_group_sampled_reverse_kl_equals_the_group_by_group_formula(merge):
+    """- mean_g (log p(g) - log q(g)).detach() * log q(g), each side's log-prob of a group the sum over
+    its own tokens in it, written out on materialised logits in float64 (value and gradients)."""
+    h, w, th, tw, s_ids, t_ids, labels, rows, _ = _setup(seed=2)
+    batch, n_s, _ = h.shape
+    n_t = th.shape[1]
+    index = GroupIndex.build(rows, merge=merge, student_len=n_s, teacher_len=n_t, counted=labels != -100)
+    t_next = torch.cat([t_ids[:, 1:], torch.zeros(batch, 1, dtype=torch.long)], 1).reshape(-1)
+    s_next = torch.cat([s_ids[:, 1:], s_ids[:, :1]], 1)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = group_sampled_reverse_kl(h1, w1, TeacherSide(t_next, hidden=th.reshape(-1, th.shape[-1]), weight=tw),
+                                   index, s_next)
+    got.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    s_logp, t_logp = torch.log_softmax(h2 @ w2.t(), -1), torch.log_softmax(th @ tw.t(), -1)
+    terms = []
+    for b, (s_groups, t_groups) in enumerate(rows):
+        for (a, e), (c, d) in zip(s_groups.tolist(), t_groups.tolist()):
+            if a < 1 or c < 1 or labels[b, _scored_at(a, e, merge)[0]] == -100:
+                continue
+            q = sum(s_logp[b, p - 1, s_ids[b, p]] for p in range(a, e))  # every token of the group
+            pt = sum(t_logp[b, p - 1, t_ids[b, p]] for p in range(c, d))
+            terms.append(-(pt - q).detach() * q)
+    want = torch.stack(terms).mean()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_on_policy_reverse_kl_across_tokenizers_trains_on_the_students_samples(cross_setup):
+    cfg = cross_setup(loss={"policy": "on_policy_rkl", "cross_tokenizer": {"mode": "hybrid"}},
+                      rollout={"prompts": "corpus:topics", "max_new_tokens": 8, "limit": 16},
+                      student={"max_seq_len": 128}, train={"steps": 3, "batch_size": 4})
+    from distil.losses.objective import DistillLoss
+    assert "sampled groups" in DistillLoss.from_config(cfg.loss, teacher_gives=("groups",), rollout=cfg.rollout).describe()
+    result = train(cfg)
+    losses = [r["loss"] for r in result.history]
+    assert len(losses) == 3 and all(np.isfinite(losses))
 
 
 STUDENT_CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

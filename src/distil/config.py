@@ -439,9 +439,10 @@ class Config:
         cross = self.loss.cross_tokenizer
         if cross.mode == "off":
             return
-        if self.teacher.source != "model":
-            raise DistilError(f"loss.cross_tokenizer needs a model teacher (teacher.source 'model'), not "
-                              f"{self.teacher.source!r}: caches and API answers in another tokenizer are not aligned yet")
+        if self.teacher.source not in ("model", "cache"):
+            raise DistilError(f"loss.cross_tokenizer needs a model teacher or a cross-tokenizer cache (teacher.source "
+                              f"'model' or 'cache'), not {self.teacher.source!r}: API answers in another tokenizer "
+                              "are not aligned yet")
         if self.loss.kd_weight == 0:
             raise DistilError("loss.cross_tokenizer is set but loss.kd_weight is 0: nothing is distilled")
         if self.loss.topk or self.loss.kind not in KINDS or self.loss.kind == "mse":
@@ -451,9 +452,11 @@ class Config:
                 or self.hybrid.stages:
             raise DistilError("loss.cross_tokenizer works with concat packing without document_attention, no "
                               "loss.parallel and no hybrid.stages")
-        if self.loss.policy not in ("off", "gkd") or self.rollout.seq_kd:
-            raise DistilError("loss.cross_tokenizer on-policy: use loss.policy gkd (without rollout.seq_kd); the "
-                              "sampled-token forms compare the two models token by token")
+        if self.loss.policy == "minillm" or self.rollout.seq_kd or (self.loss.policy == "on_policy_rkl"
+                                                                   and self.rollout.exact):
+            raise DistilError("loss.cross_tokenizer on-policy: use loss.policy gkd or on_policy_rkl (sampled, without "
+                              "rollout.exact), without rollout.seq_kd; minillm's teacher-mixed sampling and the exact "
+                              "and seq_kd forms need the teacher's distribution over the student's tokens")
 
     def _check_policy(self) -> None:
         policy, rollout = self.loss.policy, self.rollout

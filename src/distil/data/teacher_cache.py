@@ -16,6 +16,8 @@ Layout of a cache folder::
                          before the first shard; its SHA-256 is in progress.json and the manifest
     shard-00000.bin ...  blocks (one per sequence, see distil.data.topk_codec), then an index
                          (block offsets, positions and CRC32 per block) and a footer
+    tokenizer/           the data's tokenizer (cache-teacher), so training needs nothing of the teacher
+    teacher_tokenizer/   a cross-tokenizer cache: the teacher's tokenizer, for the alignment
 
 A shard is written under a temporary name and renamed when complete, so a killed writer leaves
 whole shards plus at most one temporary file, which a resumed run deletes and redoes. Every block
@@ -54,7 +56,8 @@ log = logging.getLogger("distil")
 
 FORMAT = "distil-topk-cache"
 VERSION = 2  # 2 added the ranked encoding and its id table; 1 reads the same
-READS_VERSIONS = (1, 2)
+CROSS_VERSION = 3  # a cross-tokenizer cache (which a reader of 2 must not take for an ordinary one)
+READS_VERSIONS = (1, 2, 3)
 ID_ORDER_FILE = "id_order.npy"
 MAGIC = b"DSTLTOPK"
 _FOOTER = struct.Struct("<QQ8s")  # index offset, number of blocks, magic
@@ -75,14 +78,20 @@ class CacheSettings:
     document_attention: bool = False
     tokens_sha256: str | None = None  # teacher / api: the token stream the cache is aligned to
     level: int = LEVEL  # zstd level
+    # A cross-tokenizer cache (loss.cross_tokenizer): sequence i is training window i (in the data's
+    # tokenizer, ``tokenizer_hash``) re-tokenised by the teacher's tokenizer (this hash, saved in the
+    # folder's teacher_tokenizer/); ``k`` columns: the top-(k - 1), then the produced token when the
+    # top-(k - 1) lacks it. None: an ordinary cache, in the data's tokenizer.
+    teacher_tokenizer_hash: str | None = None
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
             raise DistilError(f"cache encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
         if self.k < 1:
             raise DistilError(f"k = {self.k} must be >= 1")
-        if self.k > self.vocab_size:
-            raise DistilError(f"k = {self.k} is larger than the vocabulary ({self.vocab_size} tokens)")
+        top = self.k - 1 if self.teacher_tokenizer_hash else self.k  # a cross-tokenizer cache's last column
+        if top > self.vocab_size:
+            raise DistilError(f"k = {top} is larger than the vocabulary ({self.vocab_size} tokens)")
 
 
 @dataclass
@@ -98,7 +107,10 @@ class Manifest:
     version: int = VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        raw = asdict(self)
+        if raw["settings"]["teacher_tokenizer_hash"] is None:  # an ordinary cache reads as before
+            del raw["settings"]["teacher_tokenizer_hash"]
+        return json.dumps(raw, indent=2) + "\n"
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -350,7 +362,8 @@ class CacheWriter:
             dtype += "; ids as varint ranks in the id table"
         id_order = {"file": ID_ORDER_FILE, "sha256": self._id_order_sha} if self._id_order_sha else None
         manifest = Manifest(settings=self.settings, num_sequences=self.total, num_tokens=self.num_tokens,
-                            shards=self.shards, stats=stats or {}, dtype=dtype, id_order=id_order)
+                            shards=self.shards, stats=stats or {}, dtype=dtype, id_order=id_order,
+                            version=CROSS_VERSION if self.settings.teacher_tokenizer_hash else VERSION)
         atomic_write_text(self.path / "manifest.json", manifest.to_json())
         (self.path / "progress.json").unlink(missing_ok=True)
         return manifest

@@ -123,22 +123,46 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TeacherSide:
-    """The teacher's scores for the groups: head inputs (hidden [N_t, H], weight [V_t, H]) or logits
-    [N_t, V_t], flat over [batch * seq]; ``next_ids`` [N_t] the token each position produced."""
+    """The teacher's scores for the groups, flat over [batch * seq]: head inputs (hidden [N_t, H],
+    weight [V_t, H]), logits [N_t, V_t], or a top-k cache's entries (``topk``: ids [N_t, K] with -1
+    absent, log-probs [N_t, K], tail log-mass [N_t]; ``topk_vocab`` V_t); ``next_ids`` [N_t] the token
+    each position produced.
+
+    Top-k scores are log-probabilities over the whole vocabulary: the listed entries as stored, the
+    tail's mass spread evenly over the entries not listed (the reconstruction ``cache_stats`` measures).
+    A cross-tokenizer cache lists the produced token beside the top-k, so the groups' scales are exact."""
 
     next_ids: torch.Tensor
     hidden: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    topk: tuple | None = None
+    topk_vocab: int | None = None
+    topk_temperature: float = 1.0  # the cache's: its log-probs times it, so the loss's softmax at T gives them back
 
     def scores(self, rows: torch.Tensor) -> torch.Tensor:
         if self.logits is not None:
             return self.logits[rows]
+        if self.topk is not None:
+            return topk_scores(*(t[rows] for t in self.topk), self.topk_vocab) * self.topk_temperature
         return head_logits(self.hidden[rows], self.weight)
 
     @property
     def vocab_size(self) -> int:
+        if self.topk is not None:
+            return self.topk_vocab
         return self.logits.shape[-1] if self.logits is not None else self.weight.shape[0]
+
+
+def topk_scores(ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Log-probabilities [n, V] from top-k entries (ids [n, K], -1 absent; log-probs [n, K]; tail
+    log-mass [n]): the listed entries, and the tail spread evenly over the other ``V - listed``."""
+    present = ids >= 0
+    rest = (vocab_size - present.sum(-1)).clamp_min(1)
+    fill = tail.to(torch.float32) - torch.log(rest.to(torch.float32))
+    out = fill.unsqueeze(-1).expand(ids.shape[0], vocab_size + 1).clone()  # column V takes the absent slots
+    out.scatter_(1, torch.where(present, ids, vocab_size), logprobs.to(torch.float32))
+    return out[:, :vocab_size]
 
 
 @dataclass(frozen=True)
@@ -258,6 +282,35 @@ def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if loss is None:  # no group and no CE: a zero that still reaches the parameters
         loss = (flat_h.sum() * 0.0) + (weight.sum() * 0.0)
     return loss
+
+
+def group_sampled_reverse_kl(hidden: torch.Tensor, weight: torch.Tensor, teacher: TeacherSide, index: GroupIndex,
+                             student_next: torch.Tensor) -> torch.Tensor:
+    """On-policy reverse KL on the student's samples, group by group (``loss.policy: on_policy_rkl``
+    across tokenizers). A group is the same bytes on both sides, so each side gives it a probability:
+    log q(g) the sum of the student's log-probs of the group's tokens, log p(g) the teacher's of its
+    own tokens. As the per-token form (distil.losses.policy), the loss is
+    ``- mean_g (log p(g) - log q(g)).detach() * log q(g)``, whose gradient is the sampled reverse
+    KL's; groups are scored with ``merge: first`` rows, which together hold every token of the group."""
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    index = index.to(hidden.device)
+    if not index.groups:
+        return (flat_h.sum() * 0.0) + (weight.sum() * 0.0)
+    dtype = compute_dtype(hidden, weight)
+    nxt = student_next.reshape(-1)
+
+    def group_logprobs(rows, scale_rows, scale_group, scores_of, next_ids):
+        first = _token_logprobs(rows, scores_of, next_ids, 1.0, dtype)
+        rest = _token_logprobs(scale_rows, scores_of, next_ids, 1.0, dtype)
+        return first.index_add(0, scale_group, rest)
+
+    student = group_logprobs(index.student_rows, index.student_scale_rows, index.student_scale_group,
+                             lambda r: head_logits(flat_h[r], weight), nxt)
+    with torch.no_grad():
+        teacher_lp = group_logprobs(index.teacher_rows, index.teacher_scale_rows, index.teacher_scale_group,
+                                    teacher.scores, teacher.next_ids)
+    advantage = (teacher_lp - student).detach()
+    return -(advantage * student).mean().to(hidden.dtype if hidden.is_floating_point() else torch.float32)
 
 
 def _matched_options(matched, student_vocab: int, teacher_vocab: int, matched_weight, device) -> dict:

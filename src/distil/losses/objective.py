@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from distil.errors import DistilError
-from distil.losses.cross_tokenizer import cross_tokenizer_loss
+from distil.losses.cross_tokenizer import cross_tokenizer_loss, group_sampled_reverse_kl
 from distil.losses.divergences import cross_entropy, kd_loss
 from distil.losses.fused import fused_linear_kd_loss
 from distil.losses.parallel import (
@@ -87,7 +87,9 @@ class DistillLoss:
         if "groups" in teacher_gives and kd_weight:
             path, request = "cross", Request("groups")
         if policy == "minillm" or (policy == "on_policy_rkl" and not exact):
-            if "logits" in teacher_gives:
+            if policy == "on_policy_rkl" and path == "cross":
+                pass  # group by group (losses.cross_tokenizer.group_sampled_reverse_kl)
+            elif "logits" in teacher_gives:
                 path, request = "logits", Request("logits")  # the sampled-token forms read both logits whole
             elif policy == "on_policy_rkl" and "token_logprobs" in teacher_gives:
                 path, request = "logits", Request("token_logprobs")  # a server: the sampled tokens' log-probs
@@ -103,6 +105,8 @@ class DistillLoss:
                    matched_weight=cross.matched_weight if path == "cross" else None)
 
     def describe(self) -> str:
+        if self.path == "cross" and self.policy == "on_policy_rkl":
+            return "on-policy reverse KL on the sampled groups (cross-tokenizer, byte-aligned)"
         if self.path == "cross":
             part = "sorted L1 (ULD)" if self.cross_mode == "uld" else f"{self.spec.kind} on matched entries + sorted L1"
             prefix = "GKD on student samples: " if self.policy == "gkd" else ""
@@ -126,6 +130,9 @@ class DistillLoss:
         student's LM head, ``signal`` what the teacher gave for ``request`` (None for CE only);
         ``sample_logprobs`` the log-prob each sampled token was drawn with (minillm)."""
         if self.policy == "on_policy_rkl":
+            if self.path == "cross":  # a teacher with another tokenizer: the samples' groups, not their tokens
+                return self.kd_weight * group_sampled_reverse_kl(hidden, head.weight, signal.teacher, signal.index,
+                                                                 signal.student_next)
             if self.request.kind == "token_logprobs":
                 return self.kd_weight * sampled_reverse_kl(head(hidden), None, labels, _counted(labels, mask),
                                                            teacher_token_logprobs=signal)

@@ -9,7 +9,8 @@ import logging
 
 from distil.config import Config
 from distil.data.alignment import TokenizerPair
-from distil.data.tokenize import load_tokenizer
+from distil.data.tokenize import load_tokenizer, tokenizer_hash
+from distil.errors import DistilError
 from distil.teachers.api import ApiTeacher
 from distil.teachers.base import Teacher
 from distil.teachers.cache import CacheTeacher
@@ -24,7 +25,15 @@ def build_teacher(cfg: Config, tokenizer, data, device, *, model_teacher: Teache
     if cfg.loss.kd_weight == 0 or cfg.teacher.source == "none":
         return None
     if cfg.teacher.source == "cache":
-        return CacheTeacher.open(cfg, tokenizer, data)
+        teacher = CacheTeacher.open(cfg, tokenizer, data)
+        if teacher.cache.settings.teacher_tokenizer_hash is None:
+            return teacher
+        teacher_tokenizer = load_tokenizer(teacher.cache.path / "teacher_tokenizer")
+        if tokenizer_hash(teacher_tokenizer) != teacher.cache.settings.teacher_tokenizer_hash:
+            raise DistilError(f"{teacher.cache.path / 'teacher_tokenizer'} is not the tokenizer the cache was written "
+                              "with (its hash differs from the manifest's)")
+        pair = TokenizerPair(tokenizer, teacher_tokenizer)
+        return CrossTokenizerTeacher(teacher, pair, merge=cfg.loss.cross_tokenizer.merge)
     if cfg.teacher.source == "api":
         return ApiTeacher.from_config(cfg.api, tokenizer)
     teacher = model_teacher or load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)

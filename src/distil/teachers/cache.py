@@ -33,7 +33,13 @@ class CacheTeacher:
     def open(cls, cfg, tokenizer, data) -> CacheTeacher:
         """The configured cache, checked against the data and loss (errors name both sides)."""
         cache = TeacherCache(cfg.teacher.cache)
-        if cfg.loss.topk and cfg.loss.topk != cache.settings.k:
+        cross = cache.settings.teacher_tokenizer_hash is not None
+        if cross and cfg.loss.cross_tokenizer.mode == "off":
+            raise DistilError(f"the cache {cache.path} is in the teacher's own tokenizer (a cross-tokenizer cache): set "
+                              "loss.cross_tokenizer.mode to hybrid or uld to train from it")
+        if cross and not (cache.path / "teacher_tokenizer").is_dir():
+            raise DistilError(f"the cross-tokenizer cache {cache.path} lacks its teacher_tokenizer/ folder")
+        if not cross and cfg.loss.topk and cfg.loss.topk != cache.settings.k:
             raise DistilError(f"loss.topk = {cfg.loss.topk} but the cache {cache.path} holds k = {cache.settings.k}; "
                               "unset loss.topk or write a cache with that k")
         cache.check_against(tokenizer_hash=tokenizer_hash(tokenizer), temperature=cfg.loss.temperature,

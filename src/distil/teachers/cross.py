@@ -57,17 +57,22 @@ class CrossTokenizerTeacher:
     def close(self) -> None:
         self.inner.close()
 
-    def retokenize(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                   teacher_prompts: list | None = None) -> tuple[torch.Tensor, GroupIndex]:
-        """The teacher's ids [batch, seq_t] (right-padded) and the groups of a student batch.
-        ``teacher_prompts``: per row, None or (the prompt in the teacher's own chat template, the
-        student's prompt length); such a row is that prompt, then the student's reply re-tokenised."""
-        start = time.perf_counter()
+    def sequences(self, input_ids: torch.Tensor, teacher_prompts: list | None = None) -> list:
+        """Each student row as the teacher reads it (``alignment.Retokenized``). ``teacher_prompts``:
+        per row, None or (the prompt in the teacher's own chat template, the student's prompt length);
+        such a row is that prompt, then the student's reply re-tokenised."""
         prompts = teacher_prompts or [None] * input_ids.shape[0]
-        seqs = [self.pair.retokenize(row) if prompt is None else
+        return [self.pair.retokenize(row) if prompt is None else
                 self.pair.retokenize_reply(prompt[0], prompt[1], row[prompt[1]:])
                 for row, prompt in zip(input_ids.tolist(), prompts)]
-        length = max(2, max(len(s.ids) for s in seqs))
+
+    def retokenize(self, input_ids: torch.Tensor, labels: torch.Tensor, teacher_prompts: list | None = None, *,
+                   length: int = 2) -> tuple[torch.Tensor, GroupIndex]:
+        """The teacher's ids [batch, seq_t] (right-padded to at least ``length``) and the groups of a
+        student batch (see ``sequences``)."""
+        start = time.perf_counter()
+        seqs = self.sequences(input_ids, teacher_prompts)
+        length = max(length, max(len(s.ids) for s in seqs))
         ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
         for b, s in enumerate(seqs):
             ids[b, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
@@ -76,10 +81,8 @@ class CrossTokenizerTeacher:
         self.align_seconds += time.perf_counter() - start
         return ids.to(input_ids.device), index
 
-    @torch.no_grad()
-    def signal(self, batch: dict, request: Request, stream: dict | None = None) -> CrossSignal:
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        t_ids, index = self.retokenize(input_ids, labels, batch.get("teacher_prompts"))
+    def teacher_side(self, t_ids: torch.Tensor) -> TeacherSide:
+        """The teacher run on its ids [batch, seq_t]: head inputs where it gives them, else its logits."""
         next_ids = torch.cat([t_ids[:, 1:], t_ids[:, -1:]], 1).reshape(-1)
         if "head" in self.inner.gives:
             hidden, weight, _ = self.inner.head_inputs(t_ids)
@@ -88,14 +91,79 @@ class CrossTokenizerTeacher:
                            f"the cross-tokenizer loss over {weight.shape[0]} + {self.pair.student.size} vocabulary "
                            "entries", "use tokenizers with smaller vocabularies")
                 self.checked = True
-            side = TeacherSide(next_ids, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight)
+            return TeacherSide(next_ids, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight)
+        check_fits(t_ids.numel() * self.inner.vocab_size * 4, t_ids.device,
+                   f"the teacher's logits for {t_ids.shape[0]} x {t_ids.shape[1]} tokens over its "
+                   f"{self.inner.vocab_size}-entry vocabulary (a teacher without head inputs gives them whole)",
+                   "lower train.batch_size or data.seq_len")
+        logits = self.inner.logits(t_ids)
+        return TeacherSide(next_ids, logits=logits.reshape(-1, logits.shape[-1]))
+
+    def cached_side(self, batch: dict, t_ids: torch.Tensor) -> TeacherSide:
+        """The teacher's side read from a cross-tokenizer cache (``batch["teacher_ids"]`` [batch, n] and
+        ``batch["teacher_topk"]``, right-padded), checked against the re-tokenisation ``t_ids``
+        (padded at least as far)."""
+        length = t_ids.shape[1]
+
+        def pad(t, value):
+            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]), value=value)
+
+        cached = pad(batch["teacher_ids"], -1)
+        if not torch.equal(torch.where(cached < 0, self.pad_id, cached), t_ids):
+            raise DistilError(f"the cache {self.inner.name} holds another re-tokenisation of the training windows "
+                              "than the teacher's tokenizer gives now: written with another tokenizer or distil version")
+        ids, logprobs, tail = (pad(t, v) for t, v in zip(batch["teacher_topk"], (-1, float("-inf"), 0.0)))
+        flat = (ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, ids.shape[-1]), tail.reshape(-1))
+        next_ids = torch.cat([t_ids[:, 1:], t_ids[:, -1:]], 1).reshape(-1)
+        return TeacherSide(next_ids, topk=flat, topk_vocab=self.inner.vocab_size,
+                           topk_temperature=self.inner.cache.settings.temperature)
+
+    @torch.no_grad()
+    def signal(self, batch: dict, request: Request, stream: dict | None = None) -> CrossSignal:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        if "teacher_ids" in batch:  # a cross-tokenizer top-k cache: its rows are padded to the batch's longest
+            t_ids, index = self.retokenize(input_ids, labels, length=batch["teacher_ids"].shape[1])
+            side = self.cached_side(batch, t_ids)
         else:
-            check_fits(t_ids.numel() * self.inner.vocab_size * 4, t_ids.device,
-                       f"the teacher's logits for {t_ids.shape[0]} x {t_ids.shape[1]} tokens over its "
-                       f"{self.inner.vocab_size}-entry vocabulary (a teacher without head inputs gives them whole)",
-                       "lower train.batch_size or data.seq_len")
-            logits = self.inner.logits(t_ids)
-            side = TeacherSide(next_ids, logits=logits.reshape(-1, logits.shape[-1]))
+            t_ids, index = self.retokenize(input_ids, labels, batch.get("teacher_prompts"))
+            side = self.teacher_side(t_ids)
         following = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
         student_next = torch.where(labels != -100, labels, following)
         return CrossSignal(side, index, student_next, self.matched)
+
+    @torch.no_grad()
+    def topk_rows(self, input_ids: torch.Tensor, k: int, temperature: float = 1.0, chunk: int = 256) -> list[tuple]:
+        """What a cross-tokenizer cache keeps of each row of student windows ``input_ids``: (the
+        teacher's ids [n + 1], ids [n, k + 1] (-1 absent), log-probs at ``temperature`` [n, k + 1], the
+        tail's log-mass [n]). The first k columns are the top-k; the last is the token produced at the
+        position when the top-k lacks it, so a group's scale (its produced tokens' probabilities) is exact."""
+        seqs = self.sequences(input_ids)
+        width = max(2, max(len(s.ids) for s in seqs))
+        t_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            t_ids[b, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+        t_ids = t_ids.to(input_ids.device)
+        side = self.teacher_side(t_ids)
+        rows = torch.cat([torch.arange(b * width, b * width + len(s.ids) - 1) for b, s in enumerate(seqs)])
+        rows = rows.to(input_ids.device)
+        vocab = side.vocab_size
+        out: list[list[torch.Tensor]] = [[], [], []]
+        for start in range(0, rows.numel(), chunk):
+            r = rows[start:start + chunk]
+            logp = torch.log_softmax(side.scores(r).float() / temperature, -1)
+            top = logp.topk(min(k, vocab), dim=-1).indices
+            produced = side.next_ids[r]
+            extra = torch.where((top == produced[:, None]).any(-1), -1, produced)
+            ids = torch.cat([top, extra[:, None]], 1)
+            slots = torch.where(ids >= 0, ids, vocab)  # column V: a place for the absent slot
+            rest = torch.nn.functional.pad(logp, (0, 1), value=float("-inf")).scatter(1, slots, float("-inf"))
+            out[0].append(ids)
+            out[1].append(torch.where(ids >= 0, logp.gather(1, ids.clamp_min(0)), float("-inf")))
+            out[2].append(rest.logsumexp(-1))
+        ids, logprobs, tail = (torch.cat(t).cpu().numpy() for t in out)
+        result, at = [], 0
+        for b, s in enumerate(seqs):
+            n = len(s.ids) - 1
+            result.append((t_ids[b, :n + 1].cpu().numpy(), ids[at:at + n], logprobs[at:at + n], tail[at:at + n]))
+            at += n
+        return result

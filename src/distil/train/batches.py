@@ -15,7 +15,8 @@ predicted) and, as the packing gives them, ``attn_doc_ids`` / ``positions``:
 * ``RolloutBatches`` (train/rollout.py): prompts with completions from the dataset, the student's
   samples or the teacher's (``rollout:`` and ``loss.policy``; docs/on-policy.md).
 * ``CacheBatches``: concat windows with the teacher's top-k read from a cache
-  (``batch["teacher_topk"]``), decoded by ``data.num_workers`` DataLoader workers beside training.
+  (``batch["teacher_topk"]``), decoded by ``data.num_workers`` DataLoader workers beside training;
+  a cross-tokenizer cache adds the teacher's ids of each window (``batch["teacher_ids"]``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def build_batches(cfg, data, info, tokenizer, *, local_rows: slice, teacher=None
         return StreamBatches(data.train_token_docs[info.rank :: info.world_size], local_rows.stop - local_rows.start,
                              cfg.data.seq_len, seed=cfg.train.seed, pad_id=pad_id, device=info.device,
                              kv_window=cfg.data.stream_kv_window, student=student, teacher_model=teacher_model)
-    if isinstance(teacher, CacheTeacher):
-        return CacheBatches(teacher.cache, cfg, data, info, pad_id=pad_id)
+    cached = getattr(teacher, "inner", teacher)  # a cross-tokenizer teacher wraps the cache it reads
+    if isinstance(cached, CacheTeacher):
+        return CacheBatches(cached.cache, cfg, data, info, pad_id=pad_id)
     return WindowBatches(data, cfg.train.batch_size, local_rows, seed=cfg.train.seed, device=info.device,
                          document_attention=cfg.data.document_attention)
 
@@ -134,6 +136,22 @@ def cache_rows(cache: TeacherCache, index, *, seq_len: int, pad_id: int = 0):
     return inputs, labels, ids, logprobs, tail
 
 
+def cross_cache_rows(cache: TeacherCache, index):
+    """A cross-tokenizer cache's sequences at ``index``, right-padded to the longest: the teacher's
+    ids [rows, n] (-1 past the end), top ids [rows, n - 1, k] (-1 absent), log-probs, tail."""
+    seqs = [cache.get(int(sequence)) for sequence in index]
+    n = max(len(s[0]) for s in seqs)
+    k = cache.settings.k
+    tokens = np.full((len(seqs), n), -1, dtype=np.int64)
+    ids = np.full((len(seqs), n - 1, k), -1, dtype=np.int64)
+    logprobs = np.full((len(seqs), n - 1, k), ABSENT_LOGPROB, dtype=np.float32)
+    tail = np.zeros((len(seqs), n - 1), dtype=np.float32)
+    for row, (seq_tokens, seq_ids, seq_lp, seq_tail) in enumerate(seqs):
+        m = len(seq_ids)
+        tokens[row, :m + 1], ids[row, :m], logprobs[row, :m], tail[row, :m] = seq_tokens, seq_ids, seq_lp, seq_tail
+    return tokens, ids, logprobs, tail
+
+
 class CacheDataset(torch.utils.data.IterableDataset):
     """An endless iterable of training batches with the teacher's top-k read from a cache, for a
     ``torch.utils.data.DataLoader(..., batch_size=None, num_workers=N)``.
@@ -171,6 +189,12 @@ class CacheDataset(torch.utils.data.IterableDataset):
             count += 1
 
     def make_batch(self, index) -> dict:
+        if self.cache.settings.teacher_tokenizer_hash is not None:  # the teacher's own ids: aligned by the teacher
+            batch = batch_tensors(self.windows, self.doc_ids, index, "cpu", document_attention=self.document_attention)
+            tokens, ids, logprobs, tail = cross_cache_rows(self.cache, index)
+            batch["teacher_ids"] = torch.from_numpy(tokens)
+            batch["teacher_topk"] = (torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(tail))
+            return batch
         inputs, labels, ids, logprobs, tail = cache_rows(self.cache, index, seq_len=self.seq_len, pad_id=self.pad_id)
         if self.windows is not None:
             batch = batch_tensors(self.windows, self.doc_ids, index, "cpu", document_attention=self.document_attention)

@@ -11,6 +11,11 @@ the cache folder, so training from the cache needs nothing else of the teacher. 
 encoding (the default) the teacher's top-k over the first ``ORDER_SAMPLE`` positions (16384: 64
 windows of 256) is held back until the id frequency table is made from it
 (``topk_codec.frequency_order``).
+
+With ``loss.cross_tokenizer`` and a teacher of another tokenizer, sequence i is window i re-tokenised
+by the teacher (``CrossTokenizerTeacher.topk_rows``): its ids, and at each position the top-k plus
+the token produced there, in the teacher's vocabulary. The teacher's tokenizer is saved beside the
+data's; training aligns each window again and checks the ids match (docs/cross-tokenizer.md).
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 from distil.config import Config
+from distil.data.alignment import TokenizerPair
 from distil.data.packing import batch_tensors
 from distil.data.teacher_cache import CacheSettings, CacheWriter, Manifest, TeacherCache, tokens_sha256
-from distil.data.tokenize import tokenizer_hash
+from distil.data.tokenize import load_tokenizer, tokenizer_hash
 from distil.data.topk_codec import (
     DEFAULT_ENCODING,
     LEVEL,
@@ -41,6 +47,7 @@ from distil.data.topk_codec import (
 from distil.errors import DistilError
 from distil.fsutil import atomic_dir
 from distil.teachers import ApiTeacher, Request, load_teacher
+from distil.teachers.cross import CrossTokenizerTeacher
 from distil.train.distributed import init_distributed
 from distil.train.loop import prepare
 
@@ -73,18 +80,21 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
             name = str(Path(name).resolve())
         vocab_size, temperature = teacher.vocab_size, cfg.loss.temperature
     request = Request("topk", k=k, temperature=temperature)
+    cross = cross_teacher(cfg, teacher, tokenizer)
     windows = data.train_windows
-    settings = CacheSettings(teacher=name, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size, k=k,
-                             temperature=temperature, encoding=encoding,
+    settings = CacheSettings(teacher=name, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size,
+                             k=k + 1 if cross else k, temperature=temperature, encoding=encoding,
                              source="api" if cfg.teacher.source == "api" else "teacher", seq_len=cfg.data.seq_len,
                              document_attention=cfg.data.document_attention, tokens_sha256=tokens_sha256(windows),
-                             level=level)
+                             level=level,
+                             teacher_tokenizer_hash=tokenizer_hash(cross.pair.teacher.tokenizer) if cross else None)
     out = Path(out)
     writer = CacheWriter(out, settings, total_sequences=len(windows),
                          sequences_per_shard=max(1, shard_tokens // cfg.data.seq_len), overwrite=overwrite)
-    if not (out / "tokenizer").is_dir():
-        with atomic_dir(out / "tokenizer", overwrite=True) as tmp:
-            tokenizer.save_pretrained(str(tmp))
+    for folder, tok in (("tokenizer", tokenizer), ("teacher_tokenizer", cross.pair.teacher.tokenizer if cross else None)):
+        if tok is not None and not (out / folder).is_dir():
+            with atomic_dir(out / folder, overwrite=True) as tmp:
+                tok.save_pretrained(str(tmp))
     start = writer.next_sequence
     if plan:
         log.info("%s", cache_plan(cfg, len(windows), start))
@@ -99,8 +109,8 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
                                        writer.id_rank))
 
     def fix_id_order() -> None:
-        writer.set_id_order(frequency_order(np.stack([h[1] for h in held]), vocab_size=vocab_size,
-                                            tokens=np.stack([h[0] for h in held])))
+        writer.set_id_order(frequency_order(np.concatenate([h[1] for h in held]), vocab_size=vocab_size,
+                                            tokens=np.concatenate([h[0] for h in held])))
         submit(held)
         held.clear()
 
@@ -108,7 +118,7 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
         while len(pending) > limit:
             block, positions = pending.popleft().result()
             writer.add_block(block, positions)
-            bar.update(positions)
+            bar.update(cfg.data.seq_len)  # a block is one window (a cross-tokenizer one has the teacher's count)
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -117,15 +127,19 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
                 batch = batch_tensors(windows, data.train_doc_ids, index, info.device,
                                       document_attention=cfg.data.document_attention)
                 began = time.perf_counter()
-                ids, logprobs, tail = teacher.signal(batch, request)
+                if cross:  # the teacher's re-tokenisation of each window, its top-k and produced token
+                    rows = cross.topk_rows(batch["input_ids"], k, temperature)
+                    for (_, ids, logprobs, _), sequence in zip(rows, index):
+                        check_logprobs(logprobs, f"teacher output for sequence {sequence}", ids >= 0)
+                else:
+                    ids, logprobs, tail = (t.cpu().numpy() for t in teacher.signal(batch, request))
+                    check_logprobs(logprobs, f"teacher output for sequences {index[0]}..{index[-1]}", ids >= 0)
+                    rows = [(np.asarray(windows[sequence], dtype=np.int64), ids[row], logprobs[row], tail[row])
+                            for row, sequence in enumerate(index)]
                 if first == start + batch_size:  # the second batch's speed (the first warms up) gives the estimate
                     rate = len(index) * cfg.data.seq_len / max(time.perf_counter() - began, 1e-9)
                     log.info("the teacher runs at about %.0f tokens/s: about %s for the %d windows left",
                              rate, _minutes((len(windows) - first) * cfg.data.seq_len / rate), len(windows) - first)
-                ids, logprobs, tail = ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy()
-                check_logprobs(logprobs, f"teacher output for sequences {index[0]}..{index[-1]}", ids >= 0)
-                rows = [(np.asarray(windows[sequence], dtype=np.int64), ids[row], logprobs[row], tail[row])
-                        for row, sequence in enumerate(index)]
                 if writer.needs_id_order:
                     held.extend(rows)
                     if len(held) * cfg.data.seq_len >= ORDER_SAMPLE or len(held) == len(windows) - start:
@@ -145,6 +159,17 @@ def write_cache(cfg: Config, out: str | Path, *, k: int = 64, encoding: str = DE
     log.info("cache written to %s: %d sequences, %d tokens, %.1f bytes/token", out, manifest.num_sequences,
              manifest.num_tokens, manifest.bytes / max(1, manifest.num_tokens))
     return manifest
+
+
+def cross_teacher(cfg: Config, teacher, tokenizer) -> CrossTokenizerTeacher | None:
+    """``loss.cross_tokenizer`` with a teacher of another tokenizer: the teacher wrapped for alignment
+    (the cache then holds its re-tokenisation of each window); None for an ordinary cache."""
+    if cfg.loss.cross_tokenizer.mode == "off" or cfg.teacher.source != "model":
+        return None
+    pair = TokenizerPair(tokenizer, load_tokenizer(cfg.loss.cross_tokenizer.teacher_tokenizer or cfg.teacher.path))
+    if pair.identical:
+        return None
+    return CrossTokenizerTeacher(teacher, pair)
 
 
 def cache_plan(cfg: Config, windows: int, done: int = 0) -> str:
