@@ -163,8 +163,7 @@ def test_identical_tokenizers_train_bit_for_bit_like_the_ordinary_loss(cross_set
 
 
 @pytest.mark.parametrize("sections,message", [
-    ({"teacher": {"source": "api"}, "api": {"base": "http://localhost:1/v1", "model": "m"}},
-     "needs a model teacher or a cross-tokenizer cache"),
+    ({"teacher": {"source": "none"}}, "needs a teacher"),
     ({"loss": {"topk": 8}}, "unset loss.topk"),
     ({"data": {"packing": "stream"}}, "concat packing"),
     ({"loss": {"policy": "minillm"}, "rollout": {"prompts": "corpus:topics"}}, "use loss.policy gkd or on_policy_rkl"),
@@ -294,6 +293,122 @@ def test_on_policy_reverse_kl_across_tokenizers_trains_on_the_students_samples(c
     result = train(cfg)
     losses = [r["loss"] for r in result.history]
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+class TextServer:
+    """/v1/completions taking a text prompt: the teacher's tokenizer (with its BOS) tokenises it, and
+    the response gives tokens, text_offset, token_logprobs and top_logprobs, as the OpenAI API does."""
+
+    def __init__(self, model, tokenizer, *, offsets=True):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.model, self.tokenizer, self.offsets, self.prompts = model, tokenizer, offsets, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                data = json.dumps(server.answer(body)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def answer(self, body):
+        text, k = body["prompt"], body["logprobs"]
+        assert isinstance(text, str)
+        self.prompts.append(text)
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(self.model(torch.tensor([ids]))[0].float(), -1)
+        nxt = int(logp[-1].argmax())
+        name = self.tokenizer.convert_ids_to_tokens
+        tokens = [name(i) for i in ids + [nxt]]
+        tops = [None] + [{name(int(j)): float(v) for v, j in zip(*row.topk(k))} for row in logp]
+        produced = [None] + [float(logp[i, t]) for i, t in enumerate(ids[1:] + [nxt])]
+        logprobs = {"tokens": tokens, "token_logprobs": produced, "top_logprobs": tops}
+        if self.offsets:
+            logprobs["text_offset"] = [int(a) for a, _ in enc["offset_mapping"]] + [len(text)]
+        return {"object": "text_completion", "choices": [{"index": 0, "text": tokens[-1], "logprobs": logprobs}]}
+
+    def close(self):
+        self.http.shutdown()
+
+
+@pytest.fixture
+def text_server(tmp_path, tiny_docs):
+    teacher_tok = sentencepiece_tokenizer(tiny_docs)
+    path = save_tiny_model(tmp_path / "served", teacher_tok, n_layers=1, seed=5)
+    server = TextServer(load_teacher(path).model, teacher_tok)
+    yield server, path, teacher_tok
+    server.close()
+
+
+def test_an_api_teacher_in_another_tokenizer_scores_like_the_teacher_in_process(text_server, tiny_tokenizer, tiny_docs):
+    """The server tokenises the text itself; its text offsets place its tokens, and with every entry
+    returned (k = V) the loss equals the in-process teacher's on the same windows."""
+    from distil.teachers.api import ApiTeacher
+
+    server, path, teacher_tok = text_server
+    pair = TokenizerPair(tiny_tokenizer, teacher_tok)
+    texts = [*tiny_docs[:2], "Le café naïve — 東京 ☕ et 🦜 " + tiny_docs[2]]  # characters of 2, 3 and 4 bytes
+    rows = [tiny_tokenizer(d, add_special_tokens=False)["input_ids"][:25] for d in texts]
+    ids = torch.tensor(rows)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    local = CrossTokenizerTeacher(load_teacher(path), pair).signal(batch, Request("groups"))
+    api = ApiTeacher(server.url, "served", teacher_tok, topk=len(teacher_tok), concurrency=2)
+    remote = CrossTokenizerTeacher(api, pair).signal(batch, Request("groups"))
+    api.close()
+    assert len(server.prompts) == 3 and all(isinstance(p, str) for p in server.prompts)  # text, one run per row
+    assert torch.equal(remote.index.student_rows, local.index.student_rows) and remote.index.groups > 15
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 24, 32, generator=g)
+    w = torch.randn(len(tiny_tokenizer), 32, generator=g)
+    common = dict(mode="hybrid", kind="forward_kl", matched=local.matched, ce_weight=0.0)
+    want = cross_tokenizer_loss(h, w, batch["labels"], local.teacher, local.index, student_next=local.student_next,
+                                **common)
+    got = cross_tokenizer_loss(h, w, batch["labels"], remote.teacher, remote.index, student_next=remote.student_next,
+                               **common)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_training_with_an_api_teacher_in_another_tokenizer(text_server, cross_setup, tmp_path):
+    server, _, teacher_tok = text_server
+    teacher_tok.save_pretrained(str(tmp_path / "served_tok"))
+    api = {"base": server.url, "model": "served", "topk": 8, "cache": None}
+    cfg = cross_setup(teacher={"source": "api"}, api=api, train={"steps": 4},
+                      loss={"cross_tokenizer": {"mode": "hybrid", "teacher_tokenizer": str(tmp_path / "served_tok")}})
+    losses = [r["loss"] for r in train(cfg).history]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and server.prompts
+    with pytest.raises(DistilError, match="needs the teacher's tokenizer"):
+        cross_setup(teacher={"source": "api"}, api=api, loss={"cross_tokenizer": {"mode": "hybrid"}})
+
+
+def test_a_server_without_text_offsets_is_one_line(tmp_path, tiny_docs, tiny_tokenizer):
+    from distil.teachers.api import ApiTeacher
+
+    teacher_tok = sentencepiece_tokenizer(tiny_docs)
+    server = TextServer(load_teacher(save_tiny_model(tmp_path / "s", teacher_tok, n_layers=1, seed=1)).model, teacher_tok,
+                        offsets=False)
+    api = ApiTeacher(server.url, "served", teacher_tok, topk=4)
+    ids = torch.tensor([tiny_tokenizer(tiny_docs[0], add_special_tokens=False)["input_ids"][:12]])
+    try:
+        with pytest.raises(DistilError, match="gives no text_offset"):
+            CrossTokenizerTeacher(api, TokenizerPair(tiny_tokenizer, teacher_tok)).signal(
+                {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, Request("groups"))
+    finally:
+        api.close()
+        server.close()
 
 
 STUDENT_CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -439,10 +439,11 @@ class Config:
         cross = self.loss.cross_tokenizer
         if cross.mode == "off":
             return
-        if self.teacher.source not in ("model", "cache"):
-            raise DistilError(f"loss.cross_tokenizer needs a model teacher or a cross-tokenizer cache (teacher.source "
-                              f"'model' or 'cache'), not {self.teacher.source!r}: API answers in another tokenizer "
-                              "are not aligned yet")
+        if self.teacher.source == "none":
+            raise DistilError("loss.cross_tokenizer needs a teacher (teacher.source 'model', 'cache' or 'api')")
+        if self.teacher.source == "api" and not cross.teacher_tokenizer:
+            raise DistilError("loss.cross_tokenizer with an API teacher needs the teacher's tokenizer: set "
+                              "loss.cross_tokenizer.teacher_tokenizer (a folder or hub id of the served model's tokenizer)")
         if self.loss.kd_weight == 0:
             raise DistilError("loss.cross_tokenizer is set but loss.kd_weight is 0: nothing is distilled")
         if self.loss.topk or self.loss.kind not in KINDS or self.loss.kind == "mse":

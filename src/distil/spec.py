@@ -20,8 +20,9 @@ KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"
 TOPK_KINDS = ("forward_kl", "reverse_kl", "soft_ce")
 ALL_KINDS = (*KINDS, "soft_ce")
 TAILS = ("bucket", "renormalize")  # how a top-k loss treats the mass outside the k entries
-# What a teacher can give (distil.teachers.base); "groups": a teacher with another tokenizer, aligned.
-SIGNALS = ("head", "logits", "topk", "token_logprobs", "groups")
+# What a teacher can give (distil.teachers.base); "groups": a teacher with another tokenizer, aligned;
+# "text": a server that tokenises text itself and says where each token lies (read by the alignment).
+SIGNALS = ("head", "logits", "topk", "token_logprobs", "groups", "text")
 
 
 @dataclass(frozen=True)

@@ -317,25 +317,40 @@ class TokenizerPair:
         s_len = self.student.lengths(ids)
         t_ids: list[int] = [self.teacher_bos] if bos and self.teacher_bos is not None else []
         t_len: list[int] = [0] * len(t_ids)
+        for kind, value in self.pieces(ids):
+            if kind == "special":  # the teacher's counterpart, no bytes
+                t_ids.extend(self._special(value))
+                t_len.extend([0] * (len(t_ids) - len(t_len)))
+            elif kind == "stray":  # bytes the teacher cannot read: a filler that aligns with nothing
+                t_ids.append(-1)
+                t_len.append(value)
+            else:
+                piece, lengths = self.teacher.encode(value)
+                t_ids.extend(piece)
+                t_len.extend(int(n) for n in lengths)
+        return self.finish(s_len, t_ids, t_len)
+
+    def pieces(self, student_ids):
+        """The text of ``student_ids`` as the teacher is to read it, in order: ("special", student id),
+        ("stray", n bytes) for bytes that are no whole character, ("text", str)."""
+        ids = [int(i) for i in student_ids]
+        s_len = self.student.lengths(ids)
         i = 0
         while i < len(ids):
-            if s_len[i] == 0:  # a special token: the teacher's counterpart, no bytes
-                t_ids.extend(self._special(ids[i]))
-                t_len.extend([0] * (len(t_ids) - len(t_len)))
+            if s_len[i] == 0:
+                yield "special", ids[i]
                 i += 1
                 continue
             j = i
             while j < len(ids) and s_len[j] > 0:
                 j += 1
             for text, n_bytes in _utf8_runs(self.student.join(ids[i:j])):
-                if text is None:  # bytes the teacher cannot read: a filler that aligns with nothing
-                    t_ids.append(-1)
-                    t_len.append(n_bytes)
-                else:
-                    piece, lengths = self.teacher.encode(text)
-                    t_ids.extend(piece)
-                    t_len.extend(int(n) for n in lengths)
+                yield ("stray", n_bytes) if text is None else ("text", text)
             i = j
+
+    def finish(self, s_len, t_ids: list[int], t_len: list[int]) -> Retokenized:
+        """The groups of the student's token lengths ``s_len`` and the teacher's sequence; fillers (id
+        -1) are dropped, and the groups that hold one with them."""
         groups = align(s_len, t_len)
         if -1 in t_ids:  # drop the fillers; groups that hold one are dropped with them
             keep = [k for k, t in enumerate(t_ids) if t >= 0]

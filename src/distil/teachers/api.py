@@ -20,7 +20,9 @@ that map to the same id are merged (their probabilities add).
 
 The live teacher scores a token sequence with ``POST {base}/completions`` and ``{"prompt": [ids],
 "echo": true, "logprobs": k, "max_tokens": 1}``, so its positions line up with the student's
-tokens (the teacher must share the student's tokenizer). Requests run ``concurrency`` at a time,
+tokens (the teacher shares the student's tokenizer). A teacher with another tokenizer is sent text
+instead (``score_text``: the server tokenises it, ``text_offset`` places its tokens; see
+distil.teachers.cross and docs/cross-tokenizer.md). Requests run ``concurrency`` at a time,
 are retried on 408/409/429/5xx and network errors with exponential backoff (honouring
 Retry-After), and answers are kept on disk (``api_cache``) so a rerun or a resumed run asks again
 for nothing. The key comes from the environment variable ``api_key_env``.
@@ -36,6 +38,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -171,6 +174,18 @@ def _positions(choice: dict, where: str) -> list[tuple[str, object, list[tuple[s
     raise DistilError(f"{where}: logprobs has neither 'content' (chat) nor 'tokens' (completions)")
 
 
+@dataclass(frozen=True)
+class TextScores:
+    """A server's tokenisation of a text and its scores: ids [n] (its tokenizer's, -1 unmapped), byte
+    lengths [n] (summing to the text's), and per token the distribution before it, ids [n, k + 1]
+    (-1 absent) and log-probs (row 0 all absent)."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
 def _tail_of_present(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """log(1 - sum of the present entries' probabilities): absent (dropped) entries are tail mass."""
     return log1mexp(torch.logsumexp(torch.where(ids >= 0, logprobs, torch.tensor(float("-inf"))), -1))
@@ -268,7 +283,7 @@ def import_logprobs(path: str | Path, tokenizer, out: str | Path, *, multi_token
 class ApiTeacher:
     """Scores token sequences with an OpenAI-compatible ``/completions`` endpoint (see the module docstring)."""
 
-    gives = ("topk", "token_logprobs")
+    gives = ("topk", "token_logprobs", "text")  # text: score_text, for a teacher with another tokenizer
     carries_state = False
     vocab_size = None  # the tokenizer's: the endpoint's token strings are mapped onto it
 
@@ -383,6 +398,46 @@ class ApiTeacher:
             ids[i, : len(best)] = [b[0] for b in best]
             logprobs[i, : len(best)] = [b[1] for b in best]
         return ids, logprobs
+
+    def score_text(self, text: str, k: int) -> TextScores:
+        """The server's own tokenisation of ``text`` and its scores (a teacher with another tokenizer:
+        distil.teachers.cross). ``{"prompt": text, "echo": true, "logprobs": k, "max_tokens": 1}``;
+        each echoed token's span comes from ``text_offset`` (character offsets into the prompt, as the
+        OpenAI completions API and vLLM give them), its id and its alternatives' from this teacher's
+        tokenizer (``TokenMapper``). Row i of the scores is the distribution before token i (row 0 has
+        none); its last column is token i itself when its alternatives lack it."""
+        where = f"{self.base_url}/completions"
+        body = self._post({"model": self.model, "prompt": text, "echo": True, "logprobs": k, "max_tokens": 1,
+                           "temperature": 0.0})
+        choices = body.get("choices") if isinstance(body, dict) else None
+        logprobs = choices[0].get("logprobs") if choices else None
+        if not logprobs or "tokens" not in logprobs:
+            raise DistilError(f"{where}: the response has no completions logprobs (tokens, text_offset, top_logprobs)")
+        tokens, offsets = logprobs["tokens"], logprobs.get("text_offset")
+        if offsets is None or len(offsets) != len(tokens):
+            raise DistilError(f"{where}: the response gives no text_offset for its tokens; a teacher with another "
+                              "tokenizer needs a server that reports where each token lies in the text")
+        n = len(tokens) - 1 if tokens and offsets[-1] >= len(text) and len(tokens) > 1 else len(tokens)
+        char_bytes = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])
+        bounds = [min(int(o), len(text)) for o in offsets[:n]] + [len(text)]
+        if any(b < a for a, b in zip(bounds, bounds[1:])):
+            raise DistilError(f"{where}: the response's text_offset values go backwards")
+        lengths = np.diff(char_bytes[bounds]).astype(np.int64)
+        ids = np.asarray([-1 if (i := self.mapper.map(t)) is None else i for t in tokens[:n]], dtype=np.int64)
+        tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+        produced = logprobs.get("token_logprobs") or [None] * len(tokens)
+        top_ids = np.full((n, k + 1), -1, dtype=np.int64)
+        top_lp = np.full((n, k + 1), ABSENT_LOGPROB, dtype=np.float32)
+        for i in range(1, n):
+            if not tops[i]:
+                continue
+            merged = _merge([(self.mapper.map(t), lp) for t, lp in tops[i].items()], where)
+            best = sorted(merged.items(), key=lambda kv: -kv[1])[:k]
+            if ids[i] >= 0 and ids[i] not in merged and produced[i] is not None:
+                best.append((int(ids[i]), min(float(produced[i]), 0.0)))
+            top_ids[i, : len(best)] = [b[0] for b in best]
+            top_lp[i, : len(best)] = [b[1] for b in best]
+        return TextScores(ids, lengths, top_ids, top_lp)
 
     def token_logprobs(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The teacher's log-prob of each label [B, L] (0 where the label is -100): each row is sent

@@ -35,7 +35,14 @@ def build_teacher(cfg: Config, tokenizer, data, device, *, model_teacher: Teache
         pair = TokenizerPair(tokenizer, teacher_tokenizer)
         return CrossTokenizerTeacher(teacher, pair, merge=cfg.loss.cross_tokenizer.merge)
     if cfg.teacher.source == "api":
-        return ApiTeacher.from_config(cfg.api, tokenizer)
+        cross = cfg.loss.cross_tokenizer
+        if cross.mode == "off":
+            return ApiTeacher.from_config(cfg.api, tokenizer)
+        # The server's token strings map onto the teacher's vocabulary; its text offsets give the alignment.
+        pair = TokenizerPair(tokenizer, load_tokenizer(cross.teacher_tokenizer))
+        if pair.identical:
+            return ApiTeacher.from_config(cfg.api, tokenizer)
+        return CrossTokenizerTeacher(ApiTeacher.from_config(cfg.api, pair.teacher.tokenizer), pair, merge=cross.merge)
     teacher = model_teacher or load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)
     cross = cfg.loss.cross_tokenizer
     if cross.mode != "off" and not isinstance(teacher, CrossTokenizerTeacher):

@@ -14,9 +14,11 @@ import time
 
 import torch
 
-from distil.data.alignment import TokenizerPair
+from distil.data.alignment import Groups, TokenizerPair, align
+from distil.data.topk_codec import ABSENT_LOGPROB
 from distil.errors import DistilError
 from distil.losses.cross_tokenizer import CrossSignal, GroupIndex, TeacherSide
+from distil.losses.topk import log1mexp
 from distil.runtime import available_memory
 from distil.spec import Request
 
@@ -44,7 +46,7 @@ class CrossTokenizerTeacher:
 
     @property
     def vocab_size(self) -> int:
-        return self.inner.vocab_size
+        return self.inner.vocab_size or self.pair.teacher.size  # an API teacher: its tokenizer's
 
     @property
     def model(self):
@@ -118,10 +120,91 @@ class CrossTokenizerTeacher:
         return TeacherSide(next_ids, topk=flat, topk_vocab=self.inner.vocab_size,
                            topk_temperature=self.inner.cache.settings.temperature)
 
+    def api_side(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[TeacherSide, GroupIndex]:
+        """An API teacher (``inner.score_text``): each run of text is sent as it is and the server
+        tokenises it itself; its tokens' byte spans come from the response's text offsets, so the
+        groups follow the server's own tokenisation. A group counts when every token in it mapped onto
+        the teacher's vocabulary and every position that scores it has the server's entries (a run's
+        first token has none unless the server puts a BOS before it)."""
+        start = time.perf_counter()
+        k = self.inner.k
+
+        def one(row: list[int]):
+            t_ids: list[int] = []
+            t_len: list[int] = []
+            entries: dict[int, tuple] = {}
+            for kind, value in self.pair.pieces(row):
+                if kind == "special":
+                    ids = self.pair._special(value)
+                    t_ids.extend(ids)
+                    t_len.extend([0] * len(ids))
+                elif kind == "stray":
+                    t_ids.append(-1)
+                    t_len.append(value)
+                else:
+                    scores = self.inner.score_text(value, k)
+                    scores.lengths[:] = self._split_shared_spans(value, scores.ids, scores.lengths)
+                    base = len(t_ids)
+                    for i in range(1, len(scores.ids)):
+                        if (scores.top_ids[i] >= 0).any():
+                            entries[base + i - 1] = (scores.top_ids[i], scores.top_logprobs[i])
+                    t_ids.extend(int(i) for i in scores.ids)
+                    t_len.extend(int(n) for n in scores.lengths)
+            groups = align(self.pair.student.lengths(row), t_len)
+            keep = [g for g, (c, d) in enumerate(groups.teacher.tolist())
+                    if all(t_ids[x] >= 0 for x in range(c, d)) and all(p in entries for p in range(c - 1, d - 1))]
+            return t_ids, Groups(groups.student[keep], groups.teacher[keep]), entries
+
+        rows = list(self.inner.pool.map(one, input_ids.tolist()))
+        length = max(2, max(len(r[0]) for r in rows))
+        t_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        top_ids = torch.full((len(rows), length, k + 1), -1, dtype=torch.long)
+        top_lp = torch.full((len(rows), length, k + 1), ABSENT_LOGPROB, dtype=torch.float32)
+        for b, (ids, _, entries) in enumerate(rows):
+            t_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long).clamp_min(0)
+            for p, (e_ids, e_lp) in entries.items():
+                top_ids[b, p], top_lp[b, p] = torch.from_numpy(e_ids), torch.from_numpy(e_lp)
+        tail = log1mexp(torch.where(top_ids >= 0, top_lp, float("-inf")).logsumexp(-1))  # 1 - the listed mass
+        index = GroupIndex.build([(g.student, g.teacher) for _, g, _ in rows], merge=self.merge,
+                                 student_len=input_ids.shape[1], teacher_len=length, counted=(labels != -100).cpu())
+        device = input_ids.device
+        next_ids = torch.cat([t_ids[:, 1:], t_ids[:, -1:]], 1).reshape(-1)
+        side = TeacherSide(next_ids.to(device), topk=(top_ids.reshape(-1, k + 1).to(device),
+                                                      top_lp.reshape(-1, k + 1).to(device), tail.reshape(-1).to(device)),
+                           topk_vocab=self.pair.teacher.size)
+        self.align_seconds += time.perf_counter() - start  # the requests' time too (answers on disk are fast)
+        return side, index
+
+    def _split_shared_spans(self, text: str, ids, lengths):
+        """Text offsets count characters, so the tokens that spell one multi-byte character byte by
+        byte (SentencePiece's byte fallback) share its offset: all but the last get no bytes. Where
+        such a run's own bytes (from the teacher's vocabulary) spell exactly its span, each token gets
+        its own; elsewhere the offsets stand."""
+        data, out = text.encode("utf-8"), [int(n) for n in lengths]
+        at = i = 0
+        while i < len(out):
+            j = i
+            while j < len(out) and out[j] == 0:
+                j += 1
+            if j == len(out):
+                break
+            if j > i:
+                pieces = [self.pair.teacher.pieces[t] if 0 <= t < self.pair.teacher.size else b"" for t in ids[i:j + 1]]
+                if all(pieces) and b"".join(pieces) == data[at:at + out[j]]:
+                    out[i:j + 1] = [len(piece) for piece in pieces]
+            at += sum(out[i:j + 1])
+            i = j + 1
+        return out
+
     @torch.no_grad()
     def signal(self, batch: dict, request: Request, stream: dict | None = None) -> CrossSignal:
         input_ids, labels = batch["input_ids"], batch["labels"]
-        if "teacher_ids" in batch:  # a cross-tokenizer top-k cache: its rows are padded to the batch's longest
+        if "text" in self.inner.gives:  # a server tokenises the text itself
+            if any(p is not None for p in batch.get("teacher_prompts") or []):
+                raise DistilError("chat prompts with an API teacher in another tokenizer are not supported yet: use "
+                                  "plain-text prompts ({\"prompt\": ...}) or a model teacher")
+            side, index = self.api_side(input_ids, labels)
+        elif "teacher_ids" in batch:  # a cross-tokenizer top-k cache: its rows are padded to the batch's longest
             t_ids, index = self.retokenize(input_ids, labels, length=batch["teacher_ids"].shape[1])
             side = self.cached_side(batch, t_ids)
         else:
