@@ -243,8 +243,8 @@ def _fused_case(n=37, hidden=16, vocab=50, student_pad=0, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("options", [dict(), dict(temperature=2.0, ce_weight=0.4), dict(logit_softcap=4.0, ce_weight=1.0),
-                                     dict(student_pad=5, ce_weight=0.2)])
+@pytest.mark.parametrize("options", [dict(), dict(ce_weight=0.7), dict(temperature=2.0, ce_weight=0.4),
+                                     dict(logit_softcap=4.0, ce_weight=1.0), dict(student_pad=5, ce_weight=0.2)])
 def test_fused_equals_materialised(kind, options):
     options = dict(options)
     h, w, th, tw, labels, mask = _fused_case(student_pad=options.pop("student_pad", 0))
@@ -258,6 +258,23 @@ def test_fused_equals_materialised(kind, options):
     torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-10)
     for a, b in zip(torch.autograd.grad(fused, (h, w)), torch.autograd.grad(ref, (h, w))):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
+
+
+def test_forward_kl_at_t1_takes_the_in_place_chunk(monkeypatch):
+    """Forward KL at T = 1 without a soft-cap (the common case) runs in three [chunk x V] buffers;
+    test_fused_equals_materialised holds its values and gradients to the materialised loss."""
+    import distil.losses.fused as fused
+
+    calls = []
+    original = fused._forward_kl_chunk_in_place
+    monkeypatch.setattr(fused, "_forward_kl_chunk_in_place", lambda *a, **k: calls.append(1) or original(*a, **k))
+    h, w, th, tw, labels, mask = _fused_case()
+    fused_linear_kd_loss(h, w, th, tw, labels=labels, ce_weight=0.5, chunk_size=8, mask=mask)
+    chunks = -(-int(mask.sum()) // 8)  # masked tokens leave the loss; the rest in chunks of 8
+    assert len(calls) == chunks
+    fused_linear_kd_loss(h, w, th, tw, labels=labels, chunk_size=8, temperature=2.0)
+    fused_linear_kd_loss(h, w, th, tw, kind="reverse_kl", chunk_size=8)
+    assert len(calls) == chunks  # other settings take the general path
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "soft_ce"])

@@ -106,6 +106,11 @@ def _chunk_loss_and_grad(
                                     ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count,
                                     temperature=temperature, softcap=softcap, tail=tail)
     dtype = compute_dtype(student_logits)
+    if (kind == "forward_kl" and kd_weight and temperature == 1.0 and softcap is None
+            and student_logits.device.type == "cpu" and student_logits.dtype == dtype == teacher_logits.dtype
+            and student_logits.shape == teacher_logits.shape):
+        return _forward_kl_chunk_in_place(student_logits, teacher_logits, labels, mask, kd_weight=kd_weight,
+                                          ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count)
     capped = prepare_logits(student_logits, temperature=1.0, softcap=softcap, dtype=dtype)  # [chunk, V_s]
     grad = None
     loss = torch.zeros((), dtype=dtype, device=capped.device)
@@ -146,6 +151,35 @@ def _chunk_loss_and_grad(
         grad = torch.zeros_like(capped)
     if softcap is not None:
         grad.mul_(1.0 - (capped / softcap).pow(2))  # d/dx c*tanh(x/c) = 1 - tanh^2
+    return loss, grad
+
+
+def _forward_kl_chunk_in_place(student_logits, teacher_logits, labels, mask, *, kd_weight, ce_weight, kd_count,
+                               ce_count):
+    """Forward KL (+ CE) of one chunk at T = 1 in three [chunk x V] buffers instead of about seven:
+    the student's logits become log p_s, then p_s, then the gradient; the teacher's (made fresh for
+    each chunk by the fused loss) become log p_t, then p_t; one difference buffer lives briefly.
+    The same values as the general path (tests/test_fused.py compares them in float64)."""
+    dtype = student_logits.dtype
+    weights = torch.ones(student_logits.shape[0], dtype=dtype, device=student_logits.device) if mask is None \
+        else mask.to(dtype)
+    kd_w = weights * (kd_weight / kd_count)
+    logp_s = student_logits.sub_(student_logits.logsumexp(-1, keepdim=True)).clamp_min_(LOG_FLOOR)
+    logp_t = teacher_logits.sub_(teacher_logits.logsumexp(-1, keepdim=True)).clamp_min_(LOG_FLOOR)
+    diff = torch.sub(logp_t, logp_s)
+    p_t = logp_t.exp_()
+    loss = (torch.linalg.vecdot(p_t, diff) * kd_w).sum()
+    del diff
+    grad_scale = kd_w * p_t.sum(-1)  # d KL / dz = p_s sum(p_t) - p_t
+    if ce_weight:
+        valid = labels != -100
+        ce_w = (weights * valid.to(dtype)) * (ce_weight / ce_count)
+        targets = labels.clamp_min(0).unsqueeze(-1)
+        loss = loss - (logp_s.gather(-1, targets).squeeze(-1) * ce_w).sum()
+        grad_scale = grad_scale + ce_w  # d CE / dz = p_s - onehot(label)
+    grad = logp_s.exp_().mul_(grad_scale.unsqueeze(-1)).sub_(p_t.mul_(kd_w.unsqueeze(-1)))
+    if ce_weight:
+        grad.scatter_add_(-1, targets, -ce_w.unsqueeze(-1))
     return loss, grad
 
 
