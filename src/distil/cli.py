@@ -274,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the config's teacher (teacher.source model or api) over its training windows and write a "
         "top-k log-prob cache: compressed shards (about 2 bytes per entry or less), a manifest with checksums, and "
         "the tokenizer. An interrupted run resumes: complete shards are kept, the partial one is redone. Train on "
-        "it with teacher.source=cache and teacher.cache=DIR. With --stats CACHE_DIR: bytes per token, the "
-        "encoding error and the KL between the teacher and its reconstruction.",
+        "it with teacher.source=cache and teacher.cache=DIR. With loss.cross_tokenizer set and a teacher of another "
+        "tokenizer, each window is cached as the teacher re-tokenises it, in the teacher's vocabulary (plus the token "
+        "produced at each position), with the teacher's tokenizer; train on it with the same loss.cross_tokenizer. "
+        "With --stats CACHE_DIR: bytes per token, the encoding error and the KL between the teacher and its "
+        "reconstruction.",
     )
     p.add_argument("config", nargs="?", help="YAML config whose teacher and data to cache")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
