@@ -33,7 +33,7 @@ def test_every_teacher_kind_implements_the_protocol(tiny_tokenizer):
         for name in ("gives", "carries_state", "signal", "to", "close", "vocab_size"):
             assert hasattr(cls, name), (cls.__name__, name)
     assert HFTeacher.gives == ("logits", "topk") and CacheTeacher.gives == ("topk",)
-    assert ApiTeacher.gives == ("topk", "token_logprobs")  # a server also scores the sampled tokens
+    assert ApiTeacher.gives == ("topk", "token_logprobs", "text")  # sampled tokens; text in its own tokenizer
 
 
 def test_model_teacher_signals_agree_with_each_other(tiny_tokenizer):
