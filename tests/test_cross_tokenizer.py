@@ -27,6 +27,7 @@ from distil.teachers import Request, load_teacher
 from distil.teachers.cross import CrossTokenizerTeacher
 from distil.train.loop import train
 from test_alignment import sentencepiece_tokenizer
+from test_api_teacher import FakeOpenAI
 
 pytestmark = pytest.mark.numerics
 
@@ -295,35 +296,15 @@ def test_on_policy_reverse_kl_across_tokenizers_trains_on_the_students_samples(c
     assert len(losses) == 3 and all(np.isfinite(losses))
 
 
-class TextServer:
+class TextServer(FakeOpenAI):
     """/v1/completions taking a text prompt: the teacher's tokenizer (with its BOS) tokenises it, and
     the response gives tokens, text_offset, token_logprobs and top_logprobs, as the OpenAI API does."""
 
     def __init__(self, model, tokenizer, *, offsets=True):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        super().__init__(model, tokenizer)
+        self.offsets, self.prompts = offsets, []
 
-        self.model, self.tokenizer, self.offsets, self.prompts = model, tokenizer, offsets, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                data = json.dumps(server.answer(body)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def answer(self, body):
+    def answer(self, path, body, auth):
         text, k = body["prompt"], body["logprobs"]
         assert isinstance(text, str)
         self.prompts.append(text)
@@ -339,10 +320,7 @@ class TextServer:
         logprobs = {"tokens": tokens, "token_logprobs": produced, "top_logprobs": tops}
         if self.offsets:
             logprobs["text_offset"] = [int(a) for a, _ in enc["offset_mapping"]] + [len(text)]
-        return {"object": "text_completion", "choices": [{"index": 0, "text": tokens[-1], "logprobs": logprobs}]}
-
-    def close(self):
-        self.http.shutdown()
+        return 200, {"object": "text_completion", "choices": [{"index": 0, "text": tokens[-1], "logprobs": logprobs}]}, {}
 
 
 @pytest.fixture
