@@ -319,7 +319,7 @@ class TokenizerPair:
         t_len: list[int] = [0] * len(t_ids)
         for kind, value in self.pieces(ids):
             if kind == "special":  # the teacher's counterpart, no bytes
-                t_ids.extend(self._special(value))
+                t_ids.extend(self.counterpart(value))
                 t_len.extend([0] * (len(t_ids) - len(t_len)))
             elif kind == "stray":  # bytes the teacher cannot read: a filler that aligns with nothing
                 t_ids.append(-1)
@@ -374,7 +374,9 @@ class TokenizerPair:
         groups = Groups(reply.groups.student + student_prompt_len, reply.groups.teacher + len(prompt))
         return Retokenized(prompt + reply.ids, [int(n) for n in self.teacher.lengths(prompt)] + reply.lengths, groups)
 
-    def _special(self, student_id: int) -> list[int]:
+    def counterpart(self, student_id: int) -> list[int]:
+        """The teacher's tokens for a student special token: its EOS (then its BOS where it wants one)
+        for the student's EOS, its BOS for the student's BOS, nothing for the rest."""
         s, t = self.student, self.teacher
         out = []
         if student_id == s.eos and t.eos is not None:

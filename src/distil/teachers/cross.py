@@ -74,14 +74,19 @@ class CrossTokenizerTeacher:
         student batch (see ``sequences``)."""
         start = time.perf_counter()
         seqs = self.sequences(input_ids, teacher_prompts)
-        length = max(length, max(len(s.ids) for s in seqs))
-        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+        ids = self._padded(seqs, length)
+        length = ids.shape[1]
         index = GroupIndex.build([(s.groups.student, s.groups.teacher) for s in seqs], merge=self.merge,
                                  student_len=input_ids.shape[1], teacher_len=length, counted=(labels != -100).cpu())
         self.align_seconds += time.perf_counter() - start
         return ids.to(input_ids.device), index
+
+    def _padded(self, seqs, length: int = 2) -> torch.Tensor:
+        """The sequences' teacher ids, right-padded to the longest (and at least ``length``)."""
+        ids = torch.full((len(seqs), max(length, max(len(s.ids) for s in seqs))), self.pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+        return ids
 
     def teacher_side(self, t_ids: torch.Tensor) -> TeacherSide:
         """The teacher run on its ids [batch, seq_t]: head inputs where it gives them, else its logits."""
@@ -135,7 +140,7 @@ class CrossTokenizerTeacher:
             entries: dict[int, tuple] = {}
             for kind, value in self.pair.pieces(row):
                 if kind == "special":
-                    ids = self.pair._special(value)
+                    ids = self.pair.counterpart(value)
                     t_ids.extend(ids)
                     t_len.extend([0] * len(ids))
                 elif kind == "stray":
@@ -221,11 +226,8 @@ class CrossTokenizerTeacher:
         tail's log-mass [n]). The first k columns are the top-k; the last is the token produced at the
         position when the top-k lacks it, so a group's scale (its produced tokens' probabilities) is exact."""
         seqs = self.sequences(input_ids)
-        width = max(2, max(len(s.ids) for s in seqs))
-        t_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            t_ids[b, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
-        t_ids = t_ids.to(input_ids.device)
+        t_ids = self._padded(seqs).to(input_ids.device)
+        width = t_ids.shape[1]
         side = self.teacher_side(t_ids)
         rows = torch.cat([torch.arange(b * width, b * width + len(s.ids) - 1) for b, s in enumerate(seqs)])
         rows = rows.to(input_ids.device)
