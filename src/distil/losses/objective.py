@@ -86,10 +86,9 @@ class DistillLoss:
         cross = getattr(cfg, "cross_tokenizer", None)
         if "groups" in teacher_gives and kd_weight:
             path, request = "cross", Request("groups")
-        if policy == "minillm" or (policy == "on_policy_rkl" and not exact):
-            if policy == "on_policy_rkl" and path == "cross":
-                pass  # group by group (losses.cross_tokenizer.group_sampled_reverse_kl)
-            elif "logits" in teacher_gives:
+        # The sampled-token forms; across tokenizers on_policy_rkl keeps the groups (group_sampled_reverse_kl).
+        if policy == "minillm" or (policy == "on_policy_rkl" and not exact and path != "cross"):
+            if "logits" in teacher_gives:
                 path, request = "logits", Request("logits")  # the sampled-token forms read both logits whole
             elif policy == "on_policy_rkl" and "token_logprobs" in teacher_gives:
                 path, request = "logits", Request("token_logprobs")  # a server: the sampled tokens' log-probs
