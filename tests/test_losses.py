@@ -277,6 +277,55 @@ def test_forward_kl_at_t1_takes_the_in_place_chunk(monkeypatch):
     assert len(calls) == chunks  # other settings take the general path
 
 
+@pytest.mark.parametrize("case", ["forward_kl", "forward_kl, bias", "reverse_kl", "top-k bucket"])
+def test_cpu_chunks_reuse_their_blocks(monkeypatch, case):
+    """On CPU the [chunk x V] blocks are made once per call, whatever the number of chunks
+    (losses.fused.Workspace); test_fused_equals_materialised and test_fused_topk_equals_materialised
+    hold the values of those many-chunk calls to the materialised loss."""
+    import distil.losses.fused as fused
+
+    made = []
+    original = fused.Workspace.__call__
+
+    def spy(self, name, numel):
+        before = self.blocks.get(name)
+        block = original(self, name, numel)
+        if block is not before:
+            made.append(name)
+        return block
+
+    monkeypatch.setattr(fused.Workspace, "__call__", spy)
+    h, w, th, tw, labels, _ = _fused_case(n=70)  # 70 tokens in chunks of 8: nine chunks, the last short
+    if case == "top-k bucket":
+        lp, ids = torch.log_softmax(th @ tw.t(), -1).topk(7, -1)
+        fused_linear_kd_loss(h, w, teacher_topk=(ids, lp), labels=labels, ce_weight=0.5, chunk_size=8)
+        assert made == ["student"]
+        return
+    kind = case.split(",")[0]
+    bias = dict(student_bias=torch.randn(w.shape[0], dtype=w.dtype), teacher_bias=torch.randn(tw.shape[0],
+                dtype=tw.dtype)) if "bias" in case else {}
+    loss = fused_linear_kd_loss(h, w, th, tw, kind=kind, labels=labels, ce_weight=0.5, chunk_size=8, **bias)
+    assert sorted(made) == (["scratch", "student", "teacher"] if kind == "forward_kl" else ["student", "teacher"])
+    if bias:
+        student, teacher = h @ w.t() + bias["student_bias"], th @ tw.t() + bias["teacher_bias"]
+        ref = kd_loss(student, teacher, kind) + 0.5 * cross_entropy(student, labels)
+        torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_fused_backward_scales_and_hands_over_once():
+    """backward hands the fused loss's gradients over (scaled in place when the loss is scaled);
+    a second backward through the same loss is refused in one line, not answered with stale values."""
+    h, w, th, tw, labels, mask = _fused_case()
+    once = torch.autograd.grad(fused_linear_kd_loss(h, w, th, tw, labels=labels, ce_weight=0.5, chunk_size=8,
+                                                    mask=mask), (h, w))
+    loss = fused_linear_kd_loss(h, w, th, tw, labels=labels, ce_weight=0.5, chunk_size=8, mask=mask)
+    scaled = torch.autograd.grad(3.0 * loss, (h, w), retain_graph=True)
+    for a, b in zip(scaled, once):
+        torch.testing.assert_close(a, 3.0 * b, atol=1e-12, rtol=1e-12)
+    with pytest.raises(DistilError, match="second backward"):
+        torch.autograd.grad(loss, (h, w))
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "soft_ce"])
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 def test_fused_topk_equals_materialised(kind, tail):

@@ -44,24 +44,53 @@ DEFAULT_CHUNK_ELEMENTS_CUDA = 2**28
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
     """Tokens per chunk: the largest power of two whose [chunk x vocab] fp32 block fits in 64 MiB
-    (1 GiB on CUDA), between 64 and 1024 (4096 on CUDA). The loss holds about seven such blocks at
-    once, and glibc keeps what it frees for reuse, so the chunk sets the loss's share of the
-    process's memory: at vocab 49152 on a 2-core CPU, the fused loss at chunk 256 ran as fast as at 1024 with about
-    0.9 GB less resident, while 341 (no power of two) was 20-30% slower (docs/benchmarks.md)."""
+    (1 GiB on CUDA), between 64 and 1024 (4096 on CUDA). The loss holds a few such blocks at once
+    (three for forward KL at T = 1 on CPU, about seven for the general path), so the chunk sets the
+    loss's share of the process's memory: at vocab 49152 on a 2-core CPU, the fused loss at chunk
+    256 ran as fast as at 1024 with about 0.9 GB less resident, while 341 (no power of two) was
+    20-30% slower (docs/benchmarks.md)."""
     cuda = torch.device(device).type == "cuda"
     budget, top = (DEFAULT_CHUNK_ELEMENTS_CUDA, 4096) if cuda else (DEFAULT_CHUNK_ELEMENTS, 1024)
     fits = max(1, budget // max(1, vocab_size))
     return max(64, min(top, 1 << (fits.bit_length() - 1)))
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """hidden [n, d] @ weight[V, d].T. On CPU computed as (weight @ hidden.T).T: MKL runs that
     orientation about 25% faster at LM-head shapes (2-core CPU, 512 x 1024 x 32768: 195 against 264 ms),
     and the transposed view goes straight into log_softmax. On CUDA the plain product (contiguous
-    rows for the compiled chunk)."""
+    rows for the compiled chunk). ``out`` (CPU only): a flat buffer of at least V x n elements that
+    receives the product instead of a fresh allocation (see ``Workspace``)."""
     if hidden.device.type == "cpu":
+        if out is not None:
+            target = out[: weight.shape[0] * hidden.shape[0]].view(weight.shape[0], hidden.shape[0])
+            return torch.mm(weight, hidden.t(), out=target).t()
         return (weight @ hidden.t()).t()
     return hidden @ weight.t()
+
+
+class Workspace:
+    """The fused loss's [chunk x V] blocks, allocated once per call and reused by every chunk (CPU).
+
+    A fresh block per chunk costs glibc either page faults (blocks above its mmap threshold go back
+    to the OS when freed) or a heap that keeps every freed block (distil raises the threshold,
+    distil/runtime.py); three blocks made once per call cost neither. Each block is flat, so the
+    last, shorter chunk takes a prefix of it."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.blocks: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, numel: int) -> torch.Tensor:
+        block = self.blocks.get(name)
+        if block is None or block.numel() < numel:
+            block = self.blocks[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return block
+
+    def like(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A block laid out as ``tensor`` (2-d, contiguous or transposed: the CPU logits are a
+        transposed view)."""
+        return self(name, tensor.numel()).as_strided(tensor.size(), tensor.stride())
 
 
 _compiled_chunk = None
@@ -96,12 +125,17 @@ def _chunk_loss_and_grad(
     skew: float,
     softcap: float | None,
     tail: str,
+    workspace: Workspace | None = None,
 ):
-    """Loss of one chunk (already divided by the global counts) and its gradient w.r.t. the logits."""
+    """Loss of one chunk (already divided by the global counts) and its gradient w.r.t. the logits.
+    With a ``workspace`` the student's logits are the workspace's own block: the in-place paths
+    overwrite them."""
     if teacher_topk is not None:
         if tail == "bucket" and temperature == 1.0 and softcap is None:
             return _topk_bucket_chunk(student_logits, teacher_topk, labels, mask, kind=kind, kd_weight=kd_weight,
-                                      ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count)
+                                      ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count,
+                                      in_place=workspace is not None and student_logits.dtype == compute_dtype(
+                                          student_logits))
         return _topk_chunk_autograd(student_logits, teacher_topk, labels, mask, kind=kind, kd_weight=kd_weight,
                                     ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count,
                                     temperature=temperature, softcap=softcap, tail=tail)
@@ -110,7 +144,8 @@ def _chunk_loss_and_grad(
             and student_logits.device.type == "cpu" and student_logits.dtype == dtype == teacher_logits.dtype
             and student_logits.shape == teacher_logits.shape):
         return _forward_kl_chunk_in_place(student_logits, teacher_logits, labels, mask, kd_weight=kd_weight,
-                                          ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count)
+                                          ce_weight=ce_weight, kd_count=kd_count, ce_count=ce_count,
+                                          workspace=workspace)
     capped = prepare_logits(student_logits, temperature=1.0, softcap=softcap, dtype=dtype)  # [chunk, V_s]
     grad = None
     loss = torch.zeros((), dtype=dtype, device=capped.device)
@@ -154,22 +189,49 @@ def _chunk_loss_and_grad(
     return loss, grad
 
 
+def _log_softmax_in_place(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``logits - logsumexp(logits)`` in place, the exponentials in ``scratch`` (torch's logsumexp
+    makes a fresh [chunk x V] block for them), computed as torch's logsumexp computes it."""
+    top = logits.amax(-1, keepdim=True)
+    top.masked_fill_(top.abs() == float("inf"), 0.0)
+    lse = torch.sub(logits, top, out=scratch).exp_().sum(-1, keepdim=True).log_().add_(top)
+    return logits.sub_(lse)
+
+
+def forward_kl_sum_in_place(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            workspace: Workspace | None = None) -> torch.Tensor:
+    """sum over rows of KL(teacher || student), as ``kd_loss(..., "forward_kl", reduction="sum")``
+    gives it at T = 1, for scoring without gradients: both [rows x V] blocks are overwritten (they
+    become the log-softmaxes) and one more block (the workspace's "scratch") holds the rest."""
+    dense = teacher_logits.is_contiguous() or teacher_logits.t().is_contiguous()
+    scratch = workspace.like("scratch", teacher_logits) if workspace is not None and dense \
+        else torch.empty_like(teacher_logits)
+    logp_s = _log_softmax_in_place(student_logits, scratch).clamp_min_(LOG_FLOOR)
+    logp_t = _log_softmax_in_place(teacher_logits, scratch).clamp_min_(LOG_FLOOR)
+    return torch.sub(logp_t, logp_s, out=scratch).mul_(logp_t.exp_()).sum()
+
+
 def _forward_kl_chunk_in_place(student_logits, teacher_logits, labels, mask, *, kd_weight, ce_weight, kd_count,
-                               ce_count):
-    """Forward KL (+ CE) of one chunk at T = 1 in three [chunk x V] buffers instead of about seven:
+                               ce_count, workspace=None):
+    """Forward KL (+ CE) of one chunk at T = 1 in three [chunk x V] blocks instead of about seven:
     the student's logits become log p_s, then p_s, then the gradient; the teacher's (made fresh for
-    each chunk by the fused loss) become log p_t, then p_t; one difference buffer lives briefly.
-    The same values as the general path (tests/test_fused.py compares them in float64)."""
+    each chunk by the fused loss) become log p_t, then p_t; the third block holds exponentials,
+    then the differences. With the fused loss's ``workspace`` all three are its reused blocks and
+    nothing else of that size is allocated. The same values as the general path
+    (tests/test_losses.py compares them in float64)."""
     dtype = student_logits.dtype
     weights = torch.ones(student_logits.shape[0], dtype=dtype, device=student_logits.device) if mask is None \
         else mask.to(dtype)
     kd_w = weights * (kd_weight / kd_count)
-    logp_s = student_logits.sub_(student_logits.logsumexp(-1, keepdim=True)).clamp_min_(LOG_FLOOR)
-    logp_t = teacher_logits.sub_(teacher_logits.logsumexp(-1, keepdim=True)).clamp_min_(LOG_FLOOR)
-    diff = torch.sub(logp_t, logp_s)
+    dense = teacher_logits.is_contiguous() or teacher_logits.t().is_contiguous()  # as the CPU head gives it
+    scratch = workspace.like("scratch", teacher_logits) if workspace is not None and dense \
+        else torch.empty_like(teacher_logits)
+    logp_s = _log_softmax_in_place(student_logits, scratch).clamp_min_(LOG_FLOOR)
+    logp_t = _log_softmax_in_place(teacher_logits, scratch).clamp_min_(LOG_FLOOR)
+    diff = torch.sub(logp_t, logp_s, out=scratch)
     p_t = logp_t.exp_()
-    loss = (torch.linalg.vecdot(p_t, diff) * kd_w).sum()
-    del diff
+    loss = (diff.mul_(p_t).sum(-1) * kd_w).sum()
+    del diff, scratch
     grad_scale = kd_w * p_t.sum(-1)  # d KL / dz = p_s sum(p_t) - p_t
     if ce_weight:
         valid = labels != -100
@@ -184,7 +246,7 @@ def _forward_kl_chunk_in_place(student_logits, teacher_logits, labels, mask, *, 
 
 
 def _topk_bucket_chunk(student_logits, teacher_topk, labels, mask, *, kind, kd_weight, ce_weight, kd_count,
-                       ce_count):
+                       ce_count, in_place=False):
     """A top-k loss with the tail as one bucket (and CE), in closed form: the same loss as
     ``_topk_chunk_autograd`` (tests/test_losses.py) in a third of its [chunk x vocab] passes; the
     rest works on the k entries. With p the student's softmax, p_s(k) = p at the k entries, A the
@@ -209,7 +271,10 @@ def _topk_bucket_chunk(student_logits, teacher_topk, labels, mask, *, kind, kd_w
     index = torch.where(valid, ids, first)
     top = z.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    p = (z - top).exp_()  # e^(z - max), turned into the softmax below
+    z_k = z.gather(-1, ids)  # read before z may be overwritten
+    z_label = z.gather(-1, labels.clamp_min(0).unsqueeze(-1)) if ce_weight else None
+    # e^(z - max), turned into the softmax below; in place when z is the fused loss's own block
+    p = z.sub_(top).exp_() if in_place and z is student_logits else (z - top).exp_()
     total = p.sum(-1, keepdim=True)
     lse = total.log() + top  # [chunk, 1]
     e_k = p.gather(-1, index)
@@ -223,7 +288,7 @@ def _topk_bucket_chunk(student_logits, teacher_topk, labels, mask, *, kind, kd_w
     kd_w = torch.where(weights > 0, weights * (kd_weight / kd_count), 0.0)
     p_t_k = None
     if kd_weight:
-        logp_s_k = torch.where(valid, z.gather(-1, ids) - lse, LOG_FLOOR).clamp_min(LOG_FLOOR)
+        logp_s_k = torch.where(valid, z_k - lse, LOG_FLOOR).clamp_min(LOG_FLOOR)
         logp_t_k = torch.where(valid, logprobs.to(dtype), LOG_FLOOR).clamp_min(LOG_FLOOR)
         log_tail_s = (outside.log() + top - lse).squeeze(-1).clamp_min(LOG_FLOOR)
         if tail_lp is None:
@@ -255,7 +320,7 @@ def _topk_bucket_chunk(student_logits, teacher_topk, labels, mask, *, kind, kd_w
     if ce_weight:
         ce_w = (weights * (labels != -100).to(dtype)) * (ce_weight / ce_count)
         targets = labels.clamp_min(0).unsqueeze(-1)
-        loss = loss - ((z.gather(-1, targets) - lse).squeeze(-1) * ce_w).sum()
+        loss = loss - ((z_label - lse).squeeze(-1) * ce_w).sum()
         scale_in, scale_out = scale_in + ce_w, scale_out + ce_w
     grad = p.mul_(scale_out.unsqueeze(-1))
     grad.scatter_(-1, index, p_k * torch.where(present, scale_in.unsqueeze(-1), scale_out.unsqueeze(-1)))
@@ -308,13 +373,17 @@ class _FusedLinearKD(torch.autograd.Function):
         ) else None
         total = torch.zeros((), dtype=torch.float64 if student_hidden.dtype == torch.float64 else torch.float32,
                             device=student_hidden.device)
+        # CPU chunks of the student's dtype reuse three blocks (the compiled CUDA chunk allocates its own).
+        workspace = Workspace(student_hidden.device, student_hidden.dtype) if (
+            student_hidden.device.type == "cpu" and student_weight.dtype == student_hidden.dtype) else None
         for start in range(0, num_tokens, chunk):
             end = min(start + chunk, num_tokens)
             hidden = student_hidden[start:end]
-            logits = head_logits(hidden, student_weight)
+            out = None if workspace is None else workspace("student", student_weight.shape[0] * min(chunk, num_tokens))
+            logits = head_logits(hidden, student_weight, out=out)
             if student_bias is not None:
-                logits = logits + student_bias
-            teacher_logits, teacher_topk = teacher_fn(start, end)
+                logits = logits.add_(student_bias) if out is not None else logits + student_bias
+            teacher_logits, teacher_topk = teacher_fn(start, end, workspace)
             loss, grad_logits = _chunk_function(logits, teacher_topk)(
                 logits,
                 teacher_logits,
@@ -331,6 +400,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 skew=opts["skew"],
                 softcap=opts["softcap"],
                 tail=opts["tail"],
+                workspace=workspace,
             )
             total += loss
             grad_logits = grad_logits.to(student_hidden.dtype)
@@ -341,26 +411,22 @@ class _FusedLinearKD(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0).to(acc_dtype)
             del logits, grad_logits, teacher_logits
-        ctx.save_for_backward(
-            grad_hidden if grad_hidden is not None else torch.empty(0),
-            grad_weight.to(student_weight.dtype) if grad_weight is not None else torch.empty(0),
-            grad_bias.to(student_bias.dtype) if grad_bias is not None else torch.empty(0),
-        )
-        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        # The gradients are already whole: backward scales them in place and hands them over (no copy
+        # of the head's [V x H] gradient), so a second backward through the same loss is refused.
+        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(student_weight.dtype),
+                     None if grad_bias is None else grad_bias.to(student_bias.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        has_hidden, has_weight, has_bias = ctx.has
+        if ctx.grads is None:
+            raise DistilError("the fused loss hands its gradients to the first backward: a second backward "
+                              "through it (retain_graph=True) is not supported")
+        grads, ctx.grads = ctx.grads, None
         scale = grad_output
-        return (
-            grad_hidden * scale.to(grad_hidden.dtype) if has_hidden else None,
-            grad_weight * scale.to(grad_weight.dtype) if has_weight else None,
-            grad_bias * scale.to(grad_bias.dtype) if has_bias else None,
-            None,
-            None,
-        )
+        if not (scale.device.type == "cpu" and scale.item() == 1.0):  # loss.backward() gives 1: nothing to do
+            grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
+        return (*grads, None, None)
 
 
 def fused_linear_kd_loss(
@@ -443,15 +509,19 @@ def fused_linear_kd_loss(
             topk_flat = tuple(None if t is None else t.index_select(0, keep) for t in topk_flat)
         flat_mask = None
 
-    def teacher_fn(start: int, end: int):
+    def teacher_fn(start: int, end: int, workspace=None):
         if topk_flat is not None:
             return None, tuple(None if t is None else t[start:end] for t in topk_flat)
         if teacher_hidden_2d is None:
             return None, None
         with torch.no_grad():
-            logits = head_logits(teacher_hidden_2d[start:end], teacher_weight)
+            hidden = teacher_hidden_2d[start:end]
+            out = None
+            if workspace is not None and teacher_weight.dtype == hidden.dtype == workspace.dtype:
+                out = workspace("teacher", teacher_weight.shape[0] * min(opts["chunk_size"], len(teacher_hidden_2d)))
+            logits = head_logits(hidden, teacher_weight, out=out)
             if teacher_bias is not None:
-                logits = logits + teacher_bias
+                logits = logits.add_(teacher_bias) if out is not None else logits + teacher_bias
         return logits, None
 
     opts = dict(
