@@ -12,11 +12,17 @@ llama-cpp-python: a random prompt of ``context`` tokens is processed (pp, tokens
 ``--new-tokens`` tokens are generated greedily one at a time (tg, tokens/s), ``--repeats`` times in a
 row (the median is reported, with the range); batch 1, ``--threads`` threads. distil's own decoder (benchmarks/decode.py's ``measure``: prefill, then cached steps; fp32
 PyTorch) runs the same models at ``--distil-contexts``.
+
+llama.cpp maps the GGUF file by default, so its weights are pages of the file that the kernel may drop
+under memory pressure (or a reclaim daemon may page out) and read back on the next token: the table
+counts the process's major page faults while generating, and ``--no-mmap`` reads the weights into the
+process's own memory instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -37,25 +43,29 @@ from distil.models.llamacpp import export_gguf  # noqa: E402
 
 
 def llama_cpp_speeds(path: Path, context: int, new_tokens: int, vocab: int, threads: int,
-                     repeats: int) -> tuple[float, list[float]]:
-    """(prompt tokens/s, generated tokens/s of each of ``repeats`` blocks) in llama.cpp."""
+                     repeats: int, mmap: bool = True) -> tuple[float, list[float], int]:
+    """(prompt tokens/s, generated tokens/s of each of ``repeats`` blocks, major page faults while
+    generating) in llama.cpp. ``mmap``: llama.cpp's default, the weights stay pages of the file (the
+    kernel may drop and re-read them); False reads them into the process's own memory."""
     from llama_cpp import Llama
 
     llm = Llama(str(path), n_ctx=context + repeats * new_tokens + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                verbose=False)
+                use_mmap=mmap, verbose=False)
     prompt = np.random.default_rng(0).integers(0, vocab, context).tolist()
     start = time.perf_counter()
     llm.eval(prompt)
     pp = context / (time.perf_counter() - start)
     tg = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(new_tokens):
             token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))))
             llm.eval([token])
         tg.append(new_tokens / (time.perf_counter() - start))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
     llm.close()
-    return pp, tg
+    return pp, tg, faults
 
 
 def main() -> None:
@@ -68,6 +78,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="blocks of --new-tokens timed after each prompt")
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-mmap", action="store_true",
+                        help="llama.cpp reads the weights into memory instead of mapping the file (its --no-mmap)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -92,16 +104,18 @@ def main() -> None:
     vocab = teacher.config.vocab_size
     import llama_cpp
 
-    print(f"\nllama.cpp {getattr(llama_cpp, '__version__', '?')} (llama-cpp-python), {args.type}, batch 1, "
+    print(f"\nllama.cpp {getattr(llama_cpp, '__version__', '?')} (llama-cpp-python), {args.type}, "
+          f"{'weights read into memory' if args.no_mmap else 'weights mapped from the file'}, batch 1, "
           f"{args.threads} threads, {args.repeats} x {args.new_tokens} new tokens (median, range); patterns: "
           + ", ".join(f"{n}: {m.config.pattern.count('M')}/{layers} Mamba2" for n, m in models.items()) + "\n")
-    print("| context | model | llama.cpp pp tokens/s | llama.cpp tg tokens/s | tg speed-up | distil tg tokens/s | "
-          "distil speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("| context | model | llama.cpp pp tokens/s | llama.cpp tg tokens/s | tg speed-up | tg major faults | "
+          "distil tg tokens/s | distil speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
     for context in args.contexts:
         base_tg = base_distil = None
         for name, model in models.items():
-            pp, blocks = llama_cpp_speeds(files[name], context, args.new_tokens, vocab, args.threads, args.repeats)
+            pp, blocks, faults = llama_cpp_speeds(files[name], context, args.new_tokens, vocab, args.threads,
+                                                  args.repeats, mmap=not args.no_mmap)
             tg = float(np.median(blocks))
             ours = "-"
             ours_speedup = "-"
@@ -112,7 +126,7 @@ def main() -> None:
                 ours, ours_speedup = f"{speed:.1f}", f"{speed / base_distil:.2f}x"
             base_tg = base_tg or tg
             print(f"| {context} | {name} | {pp:.0f} | {tg:.1f} ({min(blocks):.1f}-{max(blocks):.1f}) | "
-                  f"{tg / base_tg:.2f}x | {ours} | {ours_speedup} |",
+                  f"{tg / base_tg:.2f}x | {faults} | {ours} | {ours_speedup} |",
                   flush=True)
 
 
