@@ -203,12 +203,19 @@ def forward_kl_sum_in_place(student_logits: torch.Tensor, teacher_logits: torch.
     """sum over rows of KL(teacher || student), as ``kd_loss(..., "forward_kl", reduction="sum")``
     gives it at T = 1, for scoring without gradients: both [rows x V] blocks are overwritten (they
     become the log-softmaxes) and one more block (the workspace's "scratch") holds the rest."""
-    dense = teacher_logits.is_contiguous() or teacher_logits.t().is_contiguous()
+    logp_s, logp_t, scratch = _both_log_softmaxes_in_place(student_logits, teacher_logits, workspace)
+    return torch.sub(logp_t, logp_s, out=scratch).mul_(logp_t.exp_()).sum()
+
+
+def _both_log_softmaxes_in_place(student_logits, teacher_logits, workspace):
+    """(log p_s, log p_t, scratch): both blocks overwritten, floored at LOG_FLOOR; the scratch block
+    (the workspace's, laid out as the logits, or a fresh one) is free again for the caller."""
+    dense = teacher_logits.is_contiguous() or teacher_logits.t().is_contiguous()  # as the CPU head gives it
     scratch = workspace.like("scratch", teacher_logits) if workspace is not None and dense \
         else torch.empty_like(teacher_logits)
     logp_s = _log_softmax_in_place(student_logits, scratch).clamp_min_(LOG_FLOOR)
     logp_t = _log_softmax_in_place(teacher_logits, scratch).clamp_min_(LOG_FLOOR)
-    return torch.sub(logp_t, logp_s, out=scratch).mul_(logp_t.exp_()).sum()
+    return logp_s, logp_t, scratch
 
 
 def _forward_kl_chunk_in_place(student_logits, teacher_logits, labels, mask, *, kd_weight, ce_weight, kd_count,
@@ -223,11 +230,7 @@ def _forward_kl_chunk_in_place(student_logits, teacher_logits, labels, mask, *, 
     weights = torch.ones(student_logits.shape[0], dtype=dtype, device=student_logits.device) if mask is None \
         else mask.to(dtype)
     kd_w = weights * (kd_weight / kd_count)
-    dense = teacher_logits.is_contiguous() or teacher_logits.t().is_contiguous()  # as the CPU head gives it
-    scratch = workspace.like("scratch", teacher_logits) if workspace is not None and dense \
-        else torch.empty_like(teacher_logits)
-    logp_s = _log_softmax_in_place(student_logits, scratch).clamp_min_(LOG_FLOOR)
-    logp_t = _log_softmax_in_place(teacher_logits, scratch).clamp_min_(LOG_FLOOR)
+    logp_s, logp_t, scratch = _both_log_softmaxes_in_place(student_logits, teacher_logits, workspace)
     diff = torch.sub(logp_t, logp_s, out=scratch)
     p_t = logp_t.exp_()
     loss = (diff.mul_(p_t).sum(-1) * kd_w).sum()
